@@ -1,0 +1,69 @@
+"""Stacked expert weights with a grouped-GEMM forward."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..ops.activations import get_activation
+from ..ops.checks import check, check_expert_ids
+from ..ops.experts import SaveMode, expert_mlp, expert_mlp_naive
+from ..ops.reference import expert_mlp_reference
+from ..ops.routing import build_routing
+
+Impl = Literal["groupmoe", "naive", "loop"]
+IMPLS = ("groupmoe", "naive", "loop")
+
+
+class GroupedExperts(nn.Module):
+    """``E`` gated MLP experts held as stacks ``gate_up [E, H, 2I]`` and ``down [E, I, H]``.
+
+    Args:
+        hidden_size, intermediate_size, num_experts: the expert shapes.
+        activation: ``"swiglu"`` or ``"gptoss"``.
+        bias: per-expert biases on both projections (gpt-oss).
+        impl: ``"groupmoe"`` (fused, memory-lean), ``"naive"`` (grouped GEMMs under plain
+            autograd) or ``"loop"`` (the per-expert reference).
+        save: what the groupmoe path keeps for backward, ``"h"`` or ``"none"``.
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
+                 activation: str = "swiglu", bias: bool = False, impl: Impl = "groupmoe",
+                 save: SaveMode = "h", device=None, dtype=None):
+        super().__init__()
+        check(impl in IMPLS, f"GroupedExperts: impl must be one of {IMPLS}, got {impl!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.num_experts = num_experts
+        self.activation = get_activation(activation)
+        self.impl, self.save = impl, save
+        self.gate_up = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size,
+                                                **factory))
+        self.down = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size,
+                                             **factory))
+        self.gate_up_bias = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size,
+                                                     **factory)) if bias else None
+        self.down_bias = nn.Parameter(torch.empty(num_experts, hidden_size, **factory)) \
+            if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for w in (self.gate_up, self.down):
+            nn.init.normal_(w, std=1.0 / math.sqrt(w.shape[1]))
+        for b in (self.gate_up_bias, self.down_bias):
+            if b is not None:
+                nn.init.normal_(b, std=0.02)
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor,
+                gate_weights: torch.Tensor) -> torch.Tensor:
+        """``x [T, H]``, ``expert_ids [T, k]``, ``gate_weights [T, k]`` -> ``[T, H]``."""
+        args = (self.gate_up, self.down, self.gate_up_bias, self.down_bias, self.activation)
+        if self.impl == "loop":
+            check_expert_ids(expert_ids, self.num_experts, "GroupedExperts")
+            return expert_mlp_reference(x, expert_ids, gate_weights, *args)
+        routing = build_routing(expert_ids, self.num_experts)
+        if self.impl == "naive":
+            return expert_mlp_naive(x, routing, gate_weights, *args)
+        return expert_mlp(x, routing, gate_weights, *args, save=self.save)

@@ -1,0 +1,24 @@
+"""Pure functions and autograd Functions: the math of groupmoe lives here, once."""
+
+from .activations import ACTIVATIONS, Activation, GptOssGLU, SwiGLU, get_activation
+from .checks import set_validation, validation_enabled
+from .experts import (
+    ExpertMLPFunction,
+    bias_prob_grads,
+    expert_mlp,
+    expert_mlp_naive,
+    gather_sum,
+)
+from .grouped_gemm import grouped_mm, grouped_mm_wgrad, native_available, segment_sum
+from .grouped_linear import GroupedLinearFunction, grouped_linear
+from .reference import expert_mlp_reference
+from .router import route
+from .routing import Routing, build_routing, combine, scatter_for_grouped_gemm
+
+__all__ = [
+    "ACTIVATIONS", "Activation", "ExpertMLPFunction", "GptOssGLU", "GroupedLinearFunction",
+    "Routing", "SwiGLU", "bias_prob_grads", "build_routing", "combine", "expert_mlp",
+    "expert_mlp_naive", "expert_mlp_reference", "gather_sum", "get_activation", "grouped_linear",
+    "grouped_mm", "grouped_mm_wgrad", "native_available", "route", "scatter_for_grouped_gemm",
+    "segment_sum", "set_validation", "validation_enabled",
+]

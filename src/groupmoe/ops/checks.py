@@ -1,0 +1,78 @@
+"""Input validation shared by every op: clear errors instead of CUDA asserts or silent garbage."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+_VALIDATE = os.environ.get("GROUPMOE_VALIDATE", "1") not in ("0", "false", "False")
+
+
+def set_validation(enabled: bool) -> None:
+    """Turn the data-dependent checks (NaN logits, out-of-range expert ids) on or off.
+
+    Shape, dtype and device checks are always on; the data checks read one scalar back from
+    the device per layer, so throughput-critical runs that already trust their inputs may
+    switch them off (also via ``GROUPMOE_VALIDATE=0``).
+    """
+    global _VALIDATE
+    _VALIDATE = bool(enabled)
+
+
+def validation_enabled() -> bool:
+    return _VALIDATE
+
+
+def check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ValueError(msg)
+
+
+def check_same_device(where: str, **tensors: torch.Tensor | None) -> None:
+    present = {k: t for k, t in tensors.items() if t is not None}
+    devices = {k: t.device for k, t in present.items()}
+    if len(set(devices.values())) > 1:
+        desc = ", ".join(f"{k} on {d}" for k, d in devices.items())
+        raise ValueError(f"{where}: tensors must share one device, got {desc}")
+
+
+def check_same_dtype(where: str, **tensors: torch.Tensor | None) -> None:
+    present = {k: t for k, t in tensors.items() if t is not None}
+    dtypes = {k: t.dtype for k, t in present.items()}
+    if len(set(dtypes.values())) > 1:
+        desc = ", ".join(f"{k}={d}" for k, d in dtypes.items())
+        raise ValueError(f"{where}: tensors must share one dtype, got {desc}")
+
+
+def check_expert_ids(expert_ids: torch.Tensor, num_experts: int, where: str = "routing") -> None:
+    check(
+        expert_ids.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8),
+        f"{where}: expert ids must be an integer tensor, got {expert_ids.dtype}",
+    )
+    check(expert_ids.dim() == 2, f"{where}: expert ids must be [tokens, top_k], got "
+          f"shape {tuple(expert_ids.shape)}")
+    check(num_experts >= 1, f"{where}: num_experts must be >= 1, got {num_experts}")
+    if _VALIDATE and expert_ids.numel():
+        lo, hi = int(expert_ids.min()), int(expert_ids.max())
+        if lo < 0 or hi >= num_experts:
+            bad = ((expert_ids < 0) | (expert_ids >= num_experts)).nonzero()[0].tolist()
+            raise ValueError(
+                f"{where}: expert id out of range [0, {num_experts}): ids span [{lo}, {hi}], "
+                f"first bad entry at (token, slot) = {tuple(bad)}"
+            )
+
+
+def check_finite_logits(logits: torch.Tensor, where: str = "router") -> None:
+    """Raise with the first offending token when router logits hold NaN or Inf."""
+    if not _VALIDATE or logits.numel() == 0:
+        return
+    bad = ~torch.isfinite(logits)
+    if bool(bad.any()):
+        idx = bad.nonzero()
+        tokens = idx[:, 0].unique()
+        raise FloatingPointError(
+            f"{where}: router logits hold NaN/Inf in {tokens.numel()} of {logits.shape[0]} "
+            f"tokens (first at token {int(idx[0, 0])}, expert {int(idx[0, 1])}); "
+            "check the layer's input for overflow"
+        )

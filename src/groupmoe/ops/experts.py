@@ -1,0 +1,214 @@
+"""The routed expert MLP: gate_up -> activation -> scale by router weight -> down -> combine.
+
+Weights are taken in ``[E, in, out]`` layout (``w_gate_up [E, H, 2I]``, ``w_down [E, I, H]``);
+pass ``.transpose(-1, -2)`` views of ``nn.Linear``-layout stacks. The router weight ``g``
+scales the activation before the down projection, ``a' = g * a``, and the down bias as
+``g * b_down`` (so ``g * (a W + b) == a' W + g b``). Its gradient is then
+``dg = <da', a> + <dy, b_down>``: no division by ``g`` and nothing of the down output kept.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from .activations import Activation, get_activation
+from .checks import check, check_same_device, check_same_dtype
+from .dtypes import accum_dtype, to_accum
+from .grouped_gemm import grouped_mm, grouped_mm_wgrad, segment_sum
+from .grouped_linear import grouped_linear
+from .routing import Routing, combine
+
+SaveMode = Literal["h", "none"]
+
+
+def check_expert_args(
+    x: torch.Tensor,
+    routing: Routing,
+    gate_weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_gate_up: torch.Tensor | None,
+    b_down: torch.Tensor | None,
+) -> None:
+    """Shape/dtype/device checks of one expert-MLP call, with messages that name the culprit."""
+    where = "experts"
+    check(x.dim() == 2, f"{where}: x must be [tokens, hidden], got {tuple(x.shape)}")
+    t, h = x.shape
+    e = routing.num_experts
+    check(w_gate_up.dim() == 3 and w_down.dim() == 3,
+          f"{where}: expert weights must be 3-D stacks, got {tuple(w_gate_up.shape)} and "
+          f"{tuple(w_down.shape)}")
+    check(w_gate_up.shape[0] == e and w_down.shape[0] == e,
+          f"{where}: weights hold {w_gate_up.shape[0]}/{w_down.shape[0]} experts, routing has {e}")
+    check(w_gate_up.shape[1] == h,
+          f"{where}: gate_up weight is [E, {w_gate_up.shape[1]}, 2I] but hidden size is {h}")
+    two_i = w_gate_up.shape[2]
+    check(two_i % 2 == 0, f"{where}: gate_up output size {two_i} must be even (gate and up)")
+    check(w_down.shape[1:] == (two_i // 2, h),
+          f"{where}: down weight must be [E, {two_i // 2}, {h}], got {tuple(w_down.shape)}")
+    check(routing.num_tokens == t or routing.num_rows == 0,
+          f"{where}: routing is for {routing.num_tokens} tokens, x has {t}")
+    check(gate_weights.shape == (t, routing.top_k),
+          f"{where}: router weights must be [{t}, {routing.top_k}], "
+          f"got {tuple(gate_weights.shape)}")
+    check(gate_weights.is_floating_point(), f"{where}: router weights must be floating point")
+    check(x.is_floating_point(), f"{where}: x must be floating point, got {x.dtype}")
+    if b_gate_up is not None:
+        check(b_gate_up.shape == (e, two_i),
+              f"{where}: gate_up bias must be [{e}, {two_i}], got {tuple(b_gate_up.shape)}")
+    if b_down is not None:
+        check(b_down.shape == (e, h), f"{where}: down bias must be [{e}, {h}], got "
+              f"{tuple(b_down.shape)}")
+    check_same_dtype(where, x=x, w_gate_up=w_gate_up, w_down=w_down, b_gate_up=b_gate_up,
+                     b_down=b_down)
+    check_same_device(where, x=x, gate_weights=gate_weights, w_gate_up=w_gate_up, w_down=w_down,
+                      b_gate_up=b_gate_up, b_down=b_down, order=routing.order)
+
+
+def gather_sum(rows: torch.Tensor, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
+    """``out[t] = sum_s rows[sorted row of (t, s)]`` accumulated in fp32, cast once.
+
+    Deterministic (no atomics) and without an fp32 copy of ``rows``.
+    """
+    t, k = routing.num_tokens, routing.top_k
+    picked = rows.index_select(0, routing.inverse).view(t, k, rows.shape[1])
+    return picked.sum(1, dtype=accum_dtype(rows.dtype)).to(dtype)
+
+
+def bias_prob_grads(
+    dy: torch.Tensor, prob: torch.Tensor, bias: torch.Tensor, routing: Routing
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of ``prob[i] * bias[expert(i)]`` (seed 002), ``dbias [E, H]`` and ``dprob [N]``
+    in fp32 (fp64 for fp64 inputs).
+
+    ``dbias_e = sum_{i in e} prob_i dy_i`` and ``dprob_i = <dy_i, bias_e>``.
+    """
+    dyf = to_accum(dy)
+    dbias = segment_sum(dyf * prob.to(dyf.dtype).unsqueeze(1), routing.expert_index,
+                        routing.num_experts)
+    dprob = (dyf * bias.to(dyf.dtype).index_select(0, routing.expert_index)).sum(1)
+    return dbias, dprob
+
+
+def _gate_up(xs, w1, b1, routing):
+    h = grouped_mm(xs, w1, routing.offsets)
+    if b1 is not None:
+        h += b1.index_select(0, routing.expert_index)
+    return h
+
+
+class ExpertMLPFunction(torch.autograd.Function):
+    """The whole routed expert MLP as one autograd node that keeps only what backward needs.
+
+    Saved: ``x`` (the caller's tensor, not a permuted copy), the routing indices, the sorted
+    router weights and, with ``save="h"``, the gate_up output ``h``; with ``save="none"``
+    backward recomputes ``h``. The down output is never saved.
+    """
+
+    @staticmethod
+    def forward(ctx, x, gate_weights, w1, w2, b1, b2, routing: Routing, act: Activation,
+                save: SaveMode):
+        g = gate_weights.reshape(-1).index_select(0, routing.order)
+        xs = x.index_select(0, routing.token_index)
+        h = _gate_up(xs, w1, b1, routing)
+        a_scaled = act(h) * g.to(h.dtype).unsqueeze(1)
+        y = grouped_mm(a_scaled, w2, routing.offsets)
+        del a_scaled
+        if b2 is not None:
+            y += g.to(y.dtype).unsqueeze(1) * b2.index_select(0, routing.expert_index)
+        out = gather_sum(y, routing, x.dtype)
+        ctx.routing, ctx.act, ctx.save = routing, act, save
+        ctx.gate_dtype = gate_weights.dtype
+        ctx.save_for_backward(x, g, w1, w2, b1, b2, h if save == "h" else None)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, g, w1, w2, b1, b2, h = ctx.saved_tensors
+        routing, act = ctx.routing, ctx.act
+        need_x, need_g, need_w1, need_w2, need_b1, need_b2 = ctx.needs_input_grad[:6]
+        offs = routing.offsets
+        dy = dout.contiguous().index_select(0, routing.token_index)
+        xs = x.index_select(0, routing.token_index) if (h is None or need_w1) else None
+        if h is None:
+            h = _gate_up(xs, w1, b1, routing)
+        a = act(h)
+        gc = g.to(a.dtype).unsqueeze(1)
+        da_scaled = grouped_mm(dy, w2.transpose(-1, -2), offs)
+
+        dw2 = grouped_mm_wgrad(a * gc, dy, offs).to(w2.dtype) if need_w2 else None
+        dg = db2 = None
+        if need_g:
+            dg = (to_accum(da_scaled) * to_accum(a)).sum(1)
+        if b2 is not None and (need_g or need_b2):
+            db2_f32, dprob = bias_prob_grads(dy, g, b2, routing)
+            db2 = db2_f32.to(b2.dtype) if need_b2 else None
+            dg = dg + dprob if dg is not None else None
+        del a, dy
+        dh = act.backward(h, da_scaled * gc)
+        del da_scaled, h
+        dw1 = grouped_mm_wgrad(xs, dh, offs).to(w1.dtype) if need_w1 else None
+        db1 = segment_sum(dh, routing.expert_index, routing.num_experts).to(b1.dtype) \
+            if need_b1 else None
+        dx = None
+        if need_x:
+            dx = gather_sum(grouped_mm(dh, w1.transpose(-1, -2), offs), routing, x.dtype)
+        dgate = None
+        if need_g:
+            dgate = torch.empty_like(dg).index_copy_(0, routing.order, dg)
+            dgate = dgate.view(routing.num_tokens, routing.top_k).to(ctx.gate_dtype)
+        return dx, dgate, dw1, dw2, db1, db2, None, None, None
+
+
+def expert_mlp(
+    x: torch.Tensor,
+    routing: Routing,
+    gate_weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_gate_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    activation: str | Activation = "swiglu",
+    save: SaveMode = "h",
+) -> torch.Tensor:
+    """Routed expert MLP of ``x [T, H]``, summed over each token's ``top_k`` experts.
+
+    Args:
+        routing: from :func:`build_routing` on the router's ``[T, k]`` expert ids.
+        gate_weights: router weights ``[T, k]``; receive a gradient when they require one.
+        w_gate_up: ``[E, H, 2I]``; w_down: ``[E, I, H]`` (``[E, in, out]`` layout).
+        b_gate_up, b_down: optional per-expert biases ``[E, 2I]`` and ``[E, H]``.
+        activation: ``"swiglu"`` (gate half first), ``"gptoss"`` (interleaved, clamped), or an
+            :class:`Activation`.
+        save: ``"h"`` keeps the gate_up output for backward; ``"none"`` recomputes it (one
+            extra grouped GEMM in backward, least memory).
+    Returns:
+        ``[T, H]`` in ``x``'s dtype, accumulated over the k slots in fp32.
+    """
+    check(save in ("h", "none"), f"expert_mlp: save must be 'h' or 'none', got {save!r}")
+    check_expert_args(x, routing, gate_weights, w_gate_up, w_down, b_gate_up, b_down)
+    act = get_activation(activation)
+    return ExpertMLPFunction.apply(x, gate_weights, w_gate_up, w_down, b_gate_up, b_down,
+                                   routing, act, save)
+
+
+def expert_mlp_naive(
+    x: torch.Tensor,
+    routing: Routing,
+    gate_weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    b_gate_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    activation: str | Activation = "swiglu",
+) -> torch.Tensor:
+    """The same math composed from differentiable pieces under plain autograd (the baseline:
+    sort, grouped GEMMs, activation, weighted fp32 ``index_add`` combine)."""
+    check_expert_args(x, routing, gate_weights, w_gate_up, w_down, b_gate_up, b_down)
+    act = get_activation(activation)
+    xs = x.index_select(0, routing.token_index)
+    h = grouped_linear(xs, w_gate_up, routing.offsets, b_gate_up, routing.expert_index)
+    y = grouped_linear(act(h), w_down, routing.offsets, b_down, routing.expert_index)
+    return combine(y, routing, gate_weights)

@@ -1,0 +1,53 @@
+"""Grouped linear layer as an autograd Function: dX always cheap, dW only when needed."""
+
+from __future__ import annotations
+
+import torch
+
+from .checks import check
+from .grouped_gemm import grouped_mm, grouped_mm_wgrad
+
+
+class GroupedLinearFunction(torch.autograd.Function):
+    """``y = grouped_mm(x, w, offs)`` with ``w [G, K, N]``.
+
+    Backward: ``dx = grouped_mm(dy, w^T)``, ``dw[g] = x_g^T dy_g``. ``x`` is saved only when
+    ``w`` needs a gradient; the weight gradient is skipped for frozen weights.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w, offs)
+        return grouped_mm(x, w, offs)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        x, w, offs = ctx.saved_tensors
+        dy = dy.contiguous()
+        dx = grouped_mm(dy, w.transpose(-1, -2), offs) if ctx.needs_input_grad[0] else None
+        dw = grouped_mm_wgrad(x, dy, offs).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw, None
+
+
+def grouped_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    offsets: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    group_index: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-group linear map of expert-sorted rows: ``x_g @ weight[g] (+ bias[g])``.
+
+    ``weight`` is ``[G, in, out]`` (pass ``w.transpose(-1, -2)`` for ``nn.Linear``-layout
+    stacks). The bias is added as ``bias[group_index]`` outside the Function, so its gradient is
+    computed eagerly by autograd (cheap next to the weight gradient).
+    """
+    check(x.dim() == 2, f"grouped_linear: x must be [rows, in], got {tuple(x.shape)}")
+    out = GroupedLinearFunction.apply(x, weight, offsets)
+    if bias is not None:
+        check(group_index is not None, "grouped_linear: a bias needs group_index (row -> group)")
+        check(bias.shape == (weight.shape[0], weight.shape[2]),
+              f"grouped_linear: bias must be [{weight.shape[0]}, {weight.shape[2]}], "
+              f"got {tuple(bias.shape)}")
+        out = out + bias[group_index]
+    return out

@@ -1,0 +1,102 @@
+"""Routing metadata, dispatch into an expert-sorted buffer, and the weighted combine back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .checks import check, check_expert_ids, check_same_device
+from .dtypes import to_accum
+
+
+@dataclass(frozen=True)
+class Routing:
+    """Where every (token, slot) pair goes, sorted stably by expert.
+
+    ``N = tokens * top_k`` flat pairs, indexed ``token * top_k + slot``.
+    """
+
+    num_experts: int
+    top_k: int
+    order: torch.Tensor  # [N] int64: flat pair index of each expert-sorted row
+    inverse: torch.Tensor  # [N] int64: sorted row of each flat pair (order's inverse)
+    token_index: torch.Tensor  # [N] int64: source token of each sorted row
+    expert_index: torch.Tensor  # [N] int64: expert of each sorted row (group ids)
+    counts: torch.Tensor  # [E] int64: rows per expert
+    offsets: torch.Tensor  # [E] int32: cumulative counts (group ends), grouped_mm's ``offs``
+
+    @property
+    def num_tokens(self) -> int:
+        return self.order.numel() // max(self.top_k, 1)
+
+    @property
+    def num_rows(self) -> int:
+        return self.order.numel()
+
+
+def build_routing(expert_ids: torch.Tensor, num_experts: int) -> Routing:
+    """Sort the ``[T, k]`` expert ids by expert (stable) and derive counts, offsets, inverse."""
+    check_expert_ids(expert_ids, num_experts)
+    top_k = expert_ids.shape[1]
+    flat = expert_ids.reshape(-1).long()
+    expert_index, order = torch.sort(flat, stable=True)
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+    return Routing(
+        num_experts=num_experts,
+        top_k=top_k,
+        order=order,
+        inverse=inverse,
+        token_index=torch.div(order, top_k, rounding_mode="floor"),
+        expert_index=expert_index,
+        counts=counts,
+        offsets=offsets,
+    )
+
+
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def scatter_for_grouped_gemm(
+    x: torch.Tensor, routing: Routing, alignment: int = 128
+) -> torch.Tensor:
+    """Gather token rows into expert-sorted order for a grouped GEMM.
+
+    The buffer has ``round_up(N, alignment)`` rows (``N = T * top_k``): rows ``[0, N)`` hold
+    ``x[token_index]``; the tail rows are zero, so a kernel that reads whole tiles past the last
+    group never sees garbage. Offsets are unchanged (the tail belongs to no expert).
+    """
+    check(x.dim() == 2,
+          f"scatter_for_grouped_gemm: x must be [tokens, hidden], got {tuple(x.shape)}")
+    check(alignment >= 1, f"scatter_for_grouped_gemm: alignment must be >= 1, got {alignment}")
+    check_same_device("scatter_for_grouped_gemm", x=x, token_index=routing.token_index)
+    n = routing.num_rows
+    rows = round_up(n, alignment)
+    out = torch.empty(rows, x.shape[1], dtype=x.dtype, device=x.device)
+    torch.index_select(x, 0, routing.token_index, out=out[:n])
+    out[n:].zero_()
+    return out
+
+
+def combine(
+    y: torch.Tensor, routing: Routing, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sum expert-sorted rows ``y [N, H]`` back onto their tokens: ``out[t] = sum_s w[t,s] y``.
+
+    Scales by the router weights when given, accumulates in fp32 with ``index_add`` and casts
+    once to ``y``'s dtype. Differentiable in ``y`` and ``weights``.
+    """
+    check(y.dim() == 2 and y.shape[0] == routing.num_rows,
+          f"combine: y must be [{routing.num_rows}, hidden], got {tuple(y.shape)}")
+    src = to_accum(y)
+    if weights is not None:
+        check(weights.shape == (routing.num_tokens, routing.top_k),
+              f"combine: weights must be [{routing.num_tokens}, {routing.top_k}], "
+              f"got {tuple(weights.shape)}")
+        src = src * weights.reshape(-1)[routing.order].to(src.dtype).unsqueeze(1)
+    out = torch.zeros(routing.num_tokens, y.shape[1], dtype=src.dtype, device=y.device)
+    return out.index_add(0, routing.token_index, src).to(y.dtype)

@@ -1,0 +1,110 @@
+"""Bad input fails early with a message that names the problem."""
+
+import pytest
+import torch
+
+from groupmoe import MoEBlock
+from groupmoe.ops import build_routing, expert_mlp, grouped_mm, route, set_validation
+from moe_cases import make_case
+
+
+def _args(case):
+    return (case.x, build_routing(case.ids, case.num_experts), case.gates, case.w1, case.w2)
+
+
+def test_expert_id_out_of_range():
+    with pytest.raises(ValueError, match=r"out of range \[0, 4\).*\(token, slot\) = \(1, 0\)"):
+        build_routing(torch.tensor([[0, 1], [4, 2]]), 4)
+    with pytest.raises(ValueError, match="out of range"):
+        build_routing(torch.tensor([[0, -1]]), 4)
+
+
+def test_expert_ids_wrong_rank_or_dtype():
+    with pytest.raises(ValueError, match=r"\[tokens, top_k\]"):
+        build_routing(torch.tensor([0, 1]), 4)
+    with pytest.raises(ValueError, match="integer"):
+        build_routing(torch.tensor([[0.0, 1.0]]), 4)
+
+
+def test_top_k_larger_than_experts():
+    with pytest.raises(ValueError, match="top_k=5 must be between 1 and"):
+        route(torch.randn(3, 4), 5)
+    with pytest.raises(ValueError, match="top_k=9"):
+        MoEBlock(8, 4, 4, top_k=9)
+
+
+def test_nan_logits_say_where():
+    logits = torch.randn(6, 4)
+    logits[3, 2] = float("nan")
+    with pytest.raises(FloatingPointError, match="token 3, expert 2"):
+        route(logits, 2, where="layer 7 router")
+    with pytest.raises(FloatingPointError, match="layer 7 router"):
+        route(logits, 2, where="layer 7 router")
+
+
+def test_validation_switch_skips_data_checks():
+    logits = torch.randn(6, 4)
+    logits[0, 0] = float("nan")
+    set_validation(False)
+    try:
+        route(logits, 2)
+    finally:
+        set_validation(True)
+
+
+def test_shape_mismatches():
+    case = make_case(8, 16, 8, 4, 2, torch.float32)
+    x, r, g, w1, w2 = _args(case)
+    with pytest.raises(ValueError, match="hidden size is 16"):
+        expert_mlp(x, r, g, w1[:, :8], w2)
+    with pytest.raises(ValueError, match=r"down weight must be \[E, 8, 16\]"):
+        expert_mlp(x, r, g, w1, w2[:, :4])
+    with pytest.raises(ValueError, match=r"router weights must be \[8, 2\]"):
+        expert_mlp(x, r, g[:, :1], w1, w2)
+    with pytest.raises(ValueError, match="routing has 4"):
+        expert_mlp(x, r, g, w1[:3], w2[:3])
+    with pytest.raises(ValueError, match="routing is for 8 tokens"):
+        expert_mlp(x[:4], r, g[:4], w1, w2)
+    with pytest.raises(ValueError, match=r"gate_up bias must be \[4, 16\]"):
+        expert_mlp(x, r, g, w1, w2, b_gate_up=torch.zeros(4, 8))
+    with pytest.raises(ValueError, match="save must be"):
+        expert_mlp(x, r, g, w1, w2, save="y")
+
+
+def test_dtype_mismatch():
+    case = make_case(8, 16, 8, 4, 2, torch.float32)
+    x, r, g, w1, w2 = _args(case)
+    with pytest.raises(ValueError, match="share one dtype.*x=torch.float64"):
+        expert_mlp(x.double(), r, g, w1, w2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device type")
+def test_device_mismatch():
+    case = make_case(8, 16, 8, 4, 2, torch.float32)
+    x, r, g, w1, w2 = _args(case)
+    with pytest.raises(ValueError, match="share one device"):
+        expert_mlp(x.cuda(), r, g, w1, w2)
+
+
+def test_device_mismatch_meta():
+    """Same check without a GPU: a meta-device weight next to CPU activations."""
+    case = make_case(8, 16, 8, 4, 2, torch.float32)
+    x, r, g, w1, w2 = _args(case)
+    with pytest.raises(ValueError, match="share one device"):
+        expert_mlp(x, r, g, w1.detach().to("meta"), w2)
+
+
+def test_grouped_mm_offsets_checked():
+    a, b = torch.randn(8, 4), torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="int32"):
+        grouped_mm(a, b, torch.tensor([4, 8]))
+    with pytest.raises(ValueError, match=r"offs must be \[2\]"):
+        grouped_mm(a, b, torch.tensor([8], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"want a \[M, K\]"):
+        grouped_mm(a, torch.randn(2, 5, 3), torch.tensor([4, 8], dtype=torch.int32))
+
+
+def test_block_hidden_size_mismatch():
+    block = MoEBlock(8, 4, 4, top_k=2)
+    with pytest.raises(ValueError, match="input hidden size 6"):
+        block(torch.randn(3, 6))
