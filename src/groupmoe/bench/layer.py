@@ -1,0 +1,189 @@
+"""``groupmoe bench``: one MoE layer's forward+backward per implementation, against a dense chain.
+
+Implementations: ``loop`` (per-expert reference), ``naive`` (sort + grouped_mm + plain
+autograd), ``groupmoe`` (the fused memory-lean Function), and ``dense``: the same FLOPs as one
+dense GEMM chain ``act(x W1) W2`` over ``T*k`` rows, i.e. the GPU's speed at this work with
+routing free. Modes: ``train`` (expert weights get gradients, 3 GEMM passes) and ``frozen``
+(only dX, 2 passes).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import asdict, dataclass
+from datetime import date
+
+import torch
+
+from ..ops import build_routing, expert_mlp, expert_mlp_naive, expert_mlp_reference, route
+from ..ops.activations import get_activation
+from .shapes import SHAPES, SMOKE_SHAPE, Shape
+from .timing import median_ms, peak_extra_bytes
+
+IMPLS = ("loop", "naive", "groupmoe", "dense")
+MODES = ("train", "frozen")
+
+
+@dataclass
+class Row:
+    shape: str
+    mode: str
+    impl: str
+    tokens: int
+    ms: float
+    tflops: float
+    peak_extra_mib: float | None
+    x_dense: float | None = None
+    x_naive: float | None = None
+
+
+class LayerProblem:
+    """Weights and a few rotating input sets for one shape; a step function per impl."""
+
+    def __init__(self, shape: Shape, tokens: int, mode: str, device, dtype, sets: int = 3):
+        self.shape, self.tokens, self.mode = shape, tokens, mode
+        self.device = torch.device(device)
+        train = mode == "train"
+        h, i, e = shape.hidden, shape.intermediate, shape.experts
+        f = {"device": device, "dtype": dtype}
+
+        def param(*size, std):
+            return (torch.randn(*size, **f) * std).requires_grad_(train)
+
+        self.w1, self.w2 = param(e, h, 2 * i, std=h ** -0.5), param(e, i, h, std=i ** -0.5)
+        self.b1 = param(e, 2 * i, std=0.02) if shape.bias else None
+        self.b2 = param(e, h, std=0.02) if shape.bias else None
+        self.dw1, self.dw2 = param(h, 2 * i, std=h ** -0.5), param(i, h, std=i ** -0.5)
+        self.act = get_activation(shape.activation)
+        self.inputs = []
+        for _ in range(sets):
+            x = torch.randn(tokens, h, **f).requires_grad_(True)
+            logits = torch.randn(tokens, e, **f)
+            gates, ids = route(logits, shape.top_k, shape.router)
+            gates = gates.detach().requires_grad_(train)
+            dout = torch.randn(tokens, h, **f)
+            xd = torch.randn(tokens * shape.top_k, h, **f).requires_grad_(True)
+            self.inputs.append((x, ids, gates, dout, xd))
+
+    def params(self):
+        return [p for p in (self.w1, self.w2, self.b1, self.b2, self.dw1, self.dw2)
+                if p is not None]
+
+    def _clear(self, tensors):
+        for t in tensors:
+            t.grad = None
+
+    def step_fn(self, impl: str):
+        weights = (self.w1, self.w2, self.b1, self.b2, self.act)
+
+        def step(it: int) -> None:
+            x, ids, gates, dout, xd = self.inputs[it % len(self.inputs)]
+            self._clear([x, gates, xd, *self.params()])
+            if impl == "dense":
+                out = self.act(xd @ self.dw1) @ self.dw2
+                out.backward(torch.ones_like(out))
+                return
+            if impl == "loop":
+                out = expert_mlp_reference(x, ids, gates, *weights)
+            else:
+                routing = build_routing(ids, self.shape.experts)
+                fn = expert_mlp_naive if impl == "naive" else expert_mlp
+                out = fn(x, routing, gates, *weights)
+            out.backward(dout)
+
+        return step
+
+    def flops(self) -> int:
+        passes = 3 if self.mode == "train" else 2
+        return passes * self.shape.flops_per_pass(self.tokens)
+
+
+def bench_layer(shapes, tokens: int, modes=MODES, impls=IMPLS, device=None,
+                dtype=torch.bfloat16, repeat: int = 20, log=print) -> list[Row]:
+    """Time every (shape, mode, impl); returns rows with ratios to ``dense`` and ``naive``."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows: list[Row] = []
+    for shape in shapes:
+        for mode in modes:
+            prob = LayerProblem(shape, tokens, mode, device, dtype)
+            by_impl: dict[str, Row] = {}
+            for impl in impls:
+                step = prob.step_fn(impl)
+                reps = max(3, repeat // 4) if impl == "loop" else repeat
+                try:
+                    ms = median_ms(step, device, warmup=2 if impl == "loop" else 3, repeat=reps)
+                    peak = peak_extra_bytes(lambda s=step: s(0), device)
+                except torch.OutOfMemoryError:
+                    log(f"  {shape.name:14s} {mode:6s} {impl:9s} out of memory")
+                    torch.cuda.empty_cache()
+                    continue
+                row = Row(shape.name, mode, impl, tokens, ms, prob.flops() / ms / 1e9,
+                          None if peak is None else peak / 2 ** 20)
+                by_impl[impl] = row
+                log(f"  {shape.name:14s} {mode:6s} {impl:9s} {ms:9.2f} ms "
+                    f"{row.tflops:7.1f} TFLOP/s  peak extra "
+                    f"{'-' if peak is None else f'{row.peak_extra_mib:.0f} MiB'}")
+            for row in by_impl.values():
+                if "dense" in by_impl:
+                    row.x_dense = row.ms / by_impl["dense"].ms
+                if "naive" in by_impl:
+                    row.x_naive = by_impl["naive"].ms / row.ms
+                rows.append(row)
+            del prob
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    head = ("| shape | mode | impl | ms | TFLOP/s | peak extra MiB | time / dense | "
+            "speed-up vs naive |\n|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        peak = "-" if r.peak_extra_mib is None else f"{r.peak_extra_mib:.0f}"
+        xd = "-" if r.x_dense is None else f"{r.x_dense:.2f}"
+        xn = "-" if r.x_naive is None else f"{r.x_naive:.2f}x"
+        lines.append(f"| {r.shape} | {r.mode} | {r.impl} | {r.ms:.2f} | {r.tflops:.1f} | "
+                     f"{peak} | {xd} | {xn} |")
+    return "\n".join(lines)
+
+
+def environment(device: torch.device) -> dict:
+    env = {"torch": torch.__version__, "date": date.today().isoformat(),
+           "python": platform.python_version()}
+    env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return env
+
+
+def main(args) -> None:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.smoke:
+        shapes, tokens = [SMOKE_SHAPE], args.tokens or 64
+    else:
+        unknown = set(args.shapes) - set(SHAPES)
+        if unknown:
+            raise SystemExit(f"unknown shapes {sorted(unknown)}; choose from {sorted(SHAPES)}")
+        shapes, tokens = [SHAPES[s] for s in args.shapes], args.tokens or 8192
+    dtype = getattr(torch, args.dtype)
+    env = environment(device)
+    print(f"groupmoe bench: {env['device']}, torch {env['torch']}, {args.dtype}, T={tokens}")
+    rows = bench_layer(shapes, tokens, args.modes, args.impls, device, dtype, args.repeat)
+    print(format_table(rows))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"env": env, "dtype": args.dtype, "rows": [asdict(r) for r in rows]},
+                      fh, indent=1)
+        print(f"wrote {args.out}")
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES), help="DESIGN.md shape names")
+    p.add_argument("--tokens", type=int, default=None, help="tokens per step (default 8192)")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--repeat", type=int, default=20, help="timed runs per cell (median)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="write JSON here")
+    p.add_argument("--smoke", action="store_true", help="tiny shape, for a quick CPU check")

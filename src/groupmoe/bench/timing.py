@@ -1,0 +1,51 @@
+"""Timing and memory measurement: CUDA events, medians after warm-up, peak extra bytes."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(step: Callable[[int], None], device: torch.device, warmup: int = 3,
+              repeat: int = 20) -> float:
+    """Median wall time of ``step(i)`` in ms (CUDA events on GPU, perf_counter on CPU).
+
+    ``step`` receives the iteration number so it can pick fresh inputs each run.
+    """
+    for i in range(warmup):
+        step(i)
+    sync(device)
+    times = []
+    for i in range(repeat):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(warmup + i)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            step(warmup + i)
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def peak_extra_bytes(step: Callable[[], None], device: torch.device) -> int | None:
+    """Peak memory allocated by ``step`` above what was allocated before it (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device)
+    step()
+    sync(device)
+    return torch.cuda.max_memory_allocated(device) - base

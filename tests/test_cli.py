@@ -1,0 +1,49 @@
+"""The README's main job and the benchmark run end to end (CPU smoke sizes)."""
+
+import json
+import subprocess
+import sys
+
+from groupmoe.bench.layer import IMPLS, bench_layer
+from groupmoe.bench.shapes import SHAPES, SMOKE_SHAPE
+from groupmoe.demo import run_demo
+
+
+def test_demo_losses_match_and_decrease():
+    lines = []
+    result = run_demo("cpu", steps=4, log=lines.append)
+    assert result["max_loss_diff"] < 1e-4
+    losses = result["groupmoe"][0]
+    assert losses[-1] < losses[0]
+    assert sum("] step" in line for line in lines) == 8  # progress per step, both runs
+    assert any("tokens/s" in line for line in lines)
+
+
+def test_bench_smoke_rows():
+    rows = bench_layer([SMOKE_SHAPE], 32, repeat=2, device="cpu", log=lambda s: None)
+    assert {(r.mode, r.impl) for r in rows} == {(m, i) for m in ("train", "frozen")
+                                                for i in IMPLS}
+    assert all(r.ms > 0 and r.tflops > 0 for r in rows)
+    dense = [r for r in rows if r.impl == "dense"]
+    assert all(r.x_dense == 1.0 for r in dense)
+
+
+def test_bench_flops_formula():
+    s = SHAPES["qwen3-30b-a3b"]
+    assert s.flops_per_pass(8192) == 2 * 8192 * 8 * 3 * 2048 * 768
+
+
+def test_cli_bench_writes_json(tmp_path):
+    out = tmp_path / "b.json"
+    subprocess.run([sys.executable, "-m", "groupmoe", "bench", "--smoke", "--repeat", "2",
+                    "--impls", "naive", "groupmoe", "--modes", "frozen", "--out", str(out)],
+                   check=True, capture_output=True)
+    data = json.loads(out.read_text())
+    assert [r["impl"] for r in data["rows"]] == ["naive", "groupmoe"]
+    assert data["env"]["torch"]
+
+
+def test_cli_rejects_unknown_shape():
+    proc = subprocess.run([sys.executable, "-m", "groupmoe", "bench", "--shapes", "nope"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "unknown shapes" in proc.stderr
