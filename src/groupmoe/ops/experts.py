@@ -137,17 +137,17 @@ class ExpertMLPFunction(torch.autograd.Function):
         a = act(h)
         gc = g.to(a.dtype).unsqueeze(1)
         da_scaled = grouped_mm(dy, w2.transpose(-1, -2), offs)
-
         dw2 = grouped_mm_wgrad(a * gc, dy, offs).to(w2.dtype) if need_w2 else None
         dg = db2 = None
-        if need_g:
-            dg = (to_accum(da_scaled) * to_accum(a)).sum(1)
+        if need_g:  # <da', a>: products in the activations' dtype, summed in fp32
+            dg = (da_scaled * a).sum(1, dtype=accum_dtype(a.dtype))
+        del a
         if b2 is not None and (need_g or need_b2):
-            db2_f32, dprob = bias_prob_grads(dy, g, b2, routing)
-            db2 = db2_f32.to(b2.dtype) if need_b2 else None
+            db2_acc, dprob = bias_prob_grads(dy, g, b2, routing)
+            db2 = db2_acc.to(b2.dtype) if need_b2 else None
             dg = dg + dprob if dg is not None else None
-        del a, dy
-        dh = act.backward(h, da_scaled * gc)
+        del dy
+        dh = act.backward(h, da_scaled.mul_(gc))
         del da_scaled, h
         dw1 = grouped_mm_wgrad(xs, dh, offs).to(w1.dtype) if need_w1 else None
         db1 = segment_sum(dh, routing.expert_index, routing.num_experts).to(b1.dtype) \

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .checks import check
-from .grouped_gemm import grouped_mm, grouped_mm_wgrad
+from .grouped_gemm import grouped_mm, grouped_mm_wgrad, segment_sum
 
 
 class GroupedLinearFunction(torch.autograd.Function):
@@ -29,6 +29,25 @@ class GroupedLinearFunction(torch.autograd.Function):
         return dx, dw, None
 
 
+class GroupBiasFunction(torch.autograd.Function):
+    """``y + bias[group_index]`` whose bias gradient sums rows per group in fp32, cast once
+    (autograd's own index backward would accumulate in bf16)."""
+
+    @staticmethod
+    def forward(ctx, y: torch.Tensor, bias: torch.Tensor, group_index: torch.Tensor):
+        ctx.save_for_backward(group_index)
+        ctx.groups = bias.shape[0]
+        return y + bias.index_select(0, group_index)
+
+    @staticmethod
+    def backward(ctx, dy: torch.Tensor):
+        (group_index,) = ctx.saved_tensors
+        dbias = None
+        if ctx.needs_input_grad[1]:
+            dbias = segment_sum(dy, group_index, ctx.groups).to(dy.dtype)
+        return dy, dbias, None
+
+
 def grouped_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -39,8 +58,8 @@ def grouped_linear(
     """Per-group linear map of expert-sorted rows: ``x_g @ weight[g] (+ bias[g])``.
 
     ``weight`` is ``[G, in, out]`` (pass ``w.transpose(-1, -2)`` for ``nn.Linear``-layout
-    stacks). The bias is added as ``bias[group_index]`` outside the Function, so its gradient is
-    computed eagerly by autograd (cheap next to the weight gradient).
+    stacks). The bias is added as ``bias[group_index]`` by its own small Function, so its
+    gradient is computed eagerly (cheap next to the weight gradient, never deferred).
     """
     check(x.dim() == 2, f"grouped_linear: x must be [rows, in], got {tuple(x.shape)}")
     out = GroupedLinearFunction.apply(x, weight, offsets)
@@ -49,5 +68,5 @@ def grouped_linear(
         check(bias.shape == (weight.shape[0], weight.shape[2]),
               f"grouped_linear: bias must be [{weight.shape[0]}, {weight.shape[2]}], "
               f"got {tuple(bias.shape)}")
-        out = out + bias[group_index]
+        out = GroupBiasFunction.apply(out, bias, group_index)
     return out
