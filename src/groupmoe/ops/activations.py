@@ -12,6 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .backend import use_triton
+from .dtypes import accum_dtype
+
 
 @dataclass(frozen=True)
 class Activation:
@@ -102,3 +105,34 @@ def get_activation(act: str | Activation) -> Activation:
         return ACTIVATIONS[act]
     except KeyError:
         raise ValueError(f"unknown activation {act!r}; choose from {sorted(ACTIVATIONS)}") from None
+
+
+def scaled_forward(act: Activation, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``g[:, None] * act(h)``: the router weight applied before the down projection."""
+    if use_triton(h):
+        from ..kernels.activation import act_scaled_forward
+
+        return act_scaled_forward(act, h, g)
+    return act(h).mul_(g.to(h.dtype).unsqueeze(1))
+
+
+def scaled_backward(
+    act: Activation, h: torch.Tensor, g: torch.Tensor, da_scaled: torch.Tensor,
+    want_a_scaled: bool, want_dg: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Backward of :func:`scaled_forward` given ``da_scaled``, the gradient of its output.
+
+    Returns ``dh``, ``g * act(h)`` (if asked, for the down weight's gradient) and
+    ``dg = <da_scaled, act(h)>`` accumulated in fp32 (if asked). May overwrite ``da_scaled``.
+    """
+    if use_triton(h):
+        from ..kernels.activation import act_scaled_backward
+
+        dh, a_scaled, dg = act_scaled_backward(act, h, g, da_scaled, want_a_scaled)
+        return dh, a_scaled, (dg.to(accum_dtype(h.dtype)) if want_dg else None)
+    a = act(h)
+    gc = g.to(a.dtype).unsqueeze(1)
+    dg = (da_scaled * a).sum(1, dtype=accum_dtype(a.dtype)) if want_dg else None
+    a_scaled = a.mul_(gc) if want_a_scaled else None
+    del a
+    return act.backward(h, da_scaled.mul_(gc)), a_scaled, dg

@@ -13,7 +13,7 @@ from typing import Literal
 
 import torch
 
-from .activations import Activation, get_activation
+from .activations import Activation, get_activation, scaled_backward, scaled_forward
 from .checks import check, check_same_device, check_same_dtype
 from .dtypes import accum_dtype, to_accum
 from .grouped_gemm import grouped_mm, grouped_mm_wgrad, segment_sum
@@ -113,7 +113,7 @@ class ExpertMLPFunction(torch.autograd.Function):
         g = gate_weights.reshape(-1).index_select(0, routing.order)
         xs = x.index_select(0, routing.token_index)
         h = _gate_up(xs, w1, b1, routing)
-        a_scaled = act(h) * g.to(h.dtype).unsqueeze(1)
+        a_scaled = scaled_forward(act, h, g)
         y = grouped_mm(a_scaled, w2, routing.offsets)
         del a_scaled
         if b2 is not None:
@@ -134,21 +134,17 @@ class ExpertMLPFunction(torch.autograd.Function):
         xs = x.index_select(0, routing.token_index) if (h is None or need_w1) else None
         if h is None:
             h = _gate_up(xs, w1, b1, routing)
-        a = act(h)
-        gc = g.to(a.dtype).unsqueeze(1)
         da_scaled = grouped_mm(dy, w2.transpose(-1, -2), offs)
-        dw2 = grouped_mm_wgrad(a * gc, dy, offs).to(w2.dtype) if need_w2 else None
-        dg = db2 = None
-        if need_g:  # <da', a>: products in the activations' dtype, summed in fp32
-            dg = (da_scaled * a).sum(1, dtype=accum_dtype(a.dtype))
-        del a
+        dh, a_scaled, dg = scaled_backward(act, h, g, da_scaled, need_w2, need_g)
+        del da_scaled, h
+        dw2 = grouped_mm_wgrad(a_scaled, dy, offs).to(w2.dtype) if need_w2 else None
+        del a_scaled
+        db2 = None
         if b2 is not None and (need_g or need_b2):
             db2_acc, dprob = bias_prob_grads(dy, g, b2, routing)
             db2 = db2_acc.to(b2.dtype) if need_b2 else None
             dg = dg + dprob if dg is not None else None
         del dy
-        dh = act.backward(h, da_scaled.mul_(gc))
-        del da_scaled, h
         dw1 = grouped_mm_wgrad(xs, dh, offs).to(w1.dtype) if need_w1 else None
         db1 = segment_sum(dh, routing.expert_index, routing.num_experts).to(b1.dtype) \
             if need_b1 else None
