@@ -70,6 +70,11 @@ class LayerProblem:
         return [p for p in (self.w1, self.w2, self.b1, self.b2, self.dw1, self.dw2)
                 if p is not None]
 
+    def clear_grads(self) -> None:
+        for x, _, gates, _, xd in self.inputs:
+            self._clear([x, gates, xd])
+        self._clear(self.params())
+
     def _clear(self, tensors):
         for t in tensors:
             t.grad = None
@@ -113,6 +118,7 @@ def bench_layer(shapes, tokens: int, modes=MODES, impls=IMPLS, device=None,
                 reps = max(3, repeat // 4) if impl == "loop" else repeat
                 try:
                     ms = median_ms(step, device, warmup=2 if impl == "loop" else 3, repeat=reps)
+                    prob.clear_grads()  # measure from a state without last step's grads
                     peak = peak_extra_bytes(lambda s=step: s(0), device)
                 except torch.OutOfMemoryError:
                     log(f"  {shape.name:14s} {mode:6s} {impl:9s} out of memory")

@@ -121,18 +121,23 @@ class ExpertMLPFunction(torch.autograd.Function):
         out = gather_sum(y, routing, x.dtype)
         ctx.routing, ctx.act, ctx.save = routing, act, save
         ctx.gate_dtype = gate_weights.dtype
-        ctx.save_for_backward(x, g, w1, w2, b1, b2, h if save == "h" else None)
+        ctx.save_for_backward(x, g, w1, w2, b1, b2)
+        # h is an intermediate, not an input or output: held on ctx (not save_for_backward)
+        # so backward can free it as soon as dh exists.
+        ctx.h = h if save == "h" else None
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, g, w1, w2, b1, b2, h = ctx.saved_tensors
+        x, g, w1, w2, b1, b2 = ctx.saved_tensors
+        h, ctx.h = ctx.h, None
         routing, act = ctx.routing, ctx.act
         need_x, need_g, need_w1, need_w2, need_b1, need_b2 = ctx.needs_input_grad[:6]
         offs = routing.offsets
         dy = dout.contiguous().index_select(0, routing.token_index)
-        xs = x.index_select(0, routing.token_index) if (h is None or need_w1) else None
+        xs = None
         if h is None:
+            xs = x.index_select(0, routing.token_index)
             h = _gate_up(xs, w1, b1, routing)
         da_scaled = grouped_mm(dy, w2.transpose(-1, -2), offs)
         dh, a_scaled, dg = scaled_backward(act, h, g, da_scaled, need_w2, need_g)
@@ -145,7 +150,11 @@ class ExpertMLPFunction(torch.autograd.Function):
             db2 = db2_acc.to(b2.dtype) if need_b2 else None
             dg = dg + dprob if dg is not None else None
         del dy
-        dw1 = grouped_mm_wgrad(xs, dh, offs).to(w1.dtype) if need_w1 else None
+        dw1 = None
+        if need_w1:
+            xs = x.index_select(0, routing.token_index) if xs is None else xs
+            dw1 = grouped_mm_wgrad(xs, dh, offs).to(w1.dtype)
+        del xs
         db1 = segment_sum(dh, routing.expert_index, routing.num_experts).to(b1.dtype) \
             if need_b1 else None
         dx = None

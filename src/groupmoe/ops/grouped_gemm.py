@@ -29,7 +29,10 @@ _warned: set[tuple] = set()
 
 
 def _aligned(t: torch.Tensor) -> bool:
+    """16-byte aligned base and strides, and one of the two matrix dims contiguous."""
     item = t.element_size()
+    if t.dim() >= 2 and 1 not in (t.stride(-1), t.stride(-2)):
+        return False
     return t.data_ptr() % 16 == 0 and all(
         (s * item) % 16 == 0 for s, n in zip(t.stride(), t.shape) if n > 1 and s != 1
     )
