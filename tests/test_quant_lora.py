@@ -325,3 +325,12 @@ def test_peft_disabled_adapters_give_none():
     model = _tiny_qwen3_moe_with_peft()
     with model.disable_adapter():
         assert lora_from_peft_param_wrapper(_experts_wrapper(model)) is None
+
+
+def test_qlora_bench_smoke(tmp_path):
+    from groupmoe.bench.qlora import main
+
+    out = tmp_path / "qlora.json"
+    rows = main(["--smoke", "--out", str(out)])
+    assert out.exists() and len(rows) == 2
+    assert all(r["rel_diff_vs_loop"] < 1e-4 for r in rows)
