@@ -1,0 +1,185 @@
+"""QLoRA training step of one MoE layer's experts: groupmoe (NF4 stacks, one dequantize per
+stack, grouped GEMMs, grouped LoRA) against a per-expert loop.
+
+The loop baseline is bitsandbytes ``Linear4bit`` experts with per-expert LoRA when
+bitsandbytes is installed (``baseline="bnb-linear4bit-loop"``), else a loop that dequantizes
+each expert with groupmoe's NF4 and multiplies (``"groupmoe-nf4-loop"``). Both see the same
+routing, LoRA rank and dtype; only LoRA factors and ``x`` get gradients.
+
+    python -m groupmoe.bench.qlora --out qlora.json           # CUDA, bf16, T=8192
+    python -m groupmoe.bench.qlora --smoke --out smoke.json   # tiny, CPU, fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..lora.experts import ExpertLoRAModule
+from ..ops.activations import get_activation
+from ..quant.experts import QuantizedGroupedExperts
+from ..quant.nf4 import _bnb_available, dequantize_nf4, quantize_nf4
+
+SHAPES = {  # name: (H, I, E, k, activation, bias)
+    "qwen3-30b-a3b": (2048, 768, 128, 8, "swiglu", False),
+    "gpt-oss-20b": (2880, 2880, 32, 4, "gptoss", True),
+}
+SMOKE = {"qwen3-tiny": (64, 32, 8, 2, "swiglu", False), "gptoss-tiny": (64, 64, 4, 2, "gptoss",
+                                                                          True)}
+
+
+class LoopExperts(torch.nn.Module):
+    """Per-expert loop over 4-bit experts with LoRA (the baseline)."""
+
+    def __init__(self, w1, w2, b1, b2, lora: ExpertLoRAModule, activation, dtype, use_bnb):
+        super().__init__()
+        self.act, self.lora, self.dtype, self.use_bnb = get_activation(activation), lora, dtype, \
+            use_bnb
+        self.b1, self.b2 = b1, b2
+        e = w1.shape[0]
+        if use_bnb:
+            import bitsandbytes as bnb
+
+            def lin(w):
+                m = bnb.nn.Linear4bit(w.shape[1], w.shape[0], bias=False, compute_dtype=dtype,
+                                      quant_type="nf4", device="cpu")
+                m.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4")
+                return m.to(w.device)
+            self.gu = torch.nn.ModuleList(lin(w1[i]) for i in range(e))
+            self.dn = torch.nn.ModuleList(lin(w2[i]) for i in range(e))
+        else:
+            self.gu = [quantize_nf4(w1[i]) for i in range(e)]
+            self.dn = [quantize_nf4(w2[i]) for i in range(e)]
+
+    def _proj(self, mods, i, x):
+        if self.use_bnb:
+            return mods[i](x)
+        return x @ dequantize_nf4(mods[i], self.dtype).t()
+
+    def forward(self, x, ids, gates):
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        f = self.lora.factors()
+        gu, dn = f.gate_up, f.down
+        for i in torch.unique(ids).tolist():
+            tok, slot = torch.where(ids == i)
+            xe = x[tok]
+            h = self._proj(self.gu, i, xe) + (xe @ gu.a[i]) @ gu.b[i] * gu.scale
+            if self.b1 is not None:
+                h = h + self.b1[i]
+            a = self.act(h)
+            y = self._proj(self.dn, i, a) + (a @ dn.a[i]) @ dn.b[i] * dn.scale
+            if self.b2 is not None:
+                y = y + self.b2[i]
+            out.index_add_(0, tok, (gates[tok, slot, None] * y).float())
+        return out.to(x.dtype)
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _step(mod, x, ids, gates, lora_params):
+    out = mod(x, ids, gates)
+    out.backward(torch.ones_like(out))
+    for p in lora_params + [x]:
+        p.grad = None
+
+
+def _measure(mod, x, ids, gates, lora_params, iters, warmup):
+    dev = x.device
+    for _ in range(warmup):
+        _step(mod, x, ids, gates, lora_params)
+    _sync(dev)
+    base = 0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        _step(mod, x, ids, gates, lora_params)
+    _sync(dev)
+    ms = (time.perf_counter() - t0) / iters * 1e3
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if dev.type == "cuda" else None
+    return ms, peak
+
+
+def bench_shape(name, shape, tokens, rank, dtype, device, iters, warmup, dequant):
+    h, i, e, k, act, bias = shape
+    torch.manual_seed(0)
+    w1 = torch.randn(e, 2 * i, h, device=device, dtype=dtype) / math.sqrt(h)  # nn.Linear layout
+    w2 = torch.randn(e, h, i, device=device, dtype=dtype) / math.sqrt(i)
+    b1 = torch.randn(e, 2 * i, device=device, dtype=dtype) * 0.02 if bias else None
+    b2 = torch.randn(e, h, device=device, dtype=dtype) * 0.02 if bias else None
+    grouped = QuantizedGroupedExperts(quantize_nf4(w1), quantize_nf4(w2), act, b1, b2,
+                                      dequant=dequant, compute_dtype=dtype, lora_rank=rank,
+                                      lora_alpha=2 * rank)
+    torch.nn.init.normal_(grouped.lora.gate_up_b, std=0.01)
+    torch.nn.init.normal_(grouped.lora.down_b, std=0.01)
+    grouped.lora.to(device=device, dtype=dtype)
+    x = torch.randn(tokens, h, device=device, dtype=dtype, requires_grad=True)
+    logits = torch.randn(tokens, e, device=device)
+    gates, ids = F.softmax(logits, -1).topk(k, -1)
+    gates = (gates / gates.sum(-1, keepdim=True)).to(dtype)
+    use_bnb = _bnb_available() and device.type == "cuda"
+    loop = LoopExperts(w1, w2, b1, b2, grouped.lora, act, dtype, use_bnb)
+    del w1, w2
+    params = list(grouped.lora.parameters())
+    res = {"shape": name, "tokens": tokens, "rank": rank, "dequant": dequant,
+           "baseline": "bnb-linear4bit-loop" if use_bnb else "groupmoe-nf4-loop"}
+    with torch.no_grad():
+        diff = (grouped(x, ids, gates).float() - loop(x, ids, gates).float()).norm()
+        res["rel_diff_vs_loop"] = float(diff / loop(x, ids, gates).float().norm())
+    for label, mod in (("groupmoe", grouped), ("loop", loop)):
+        ms, peak = _measure(mod, x, ids, gates, params, iters, warmup)
+        res[f"{label}_ms"] = round(ms, 3)
+        res[f"{label}_tok_s"] = round(tokens / ms * 1e3, 1)
+        res[f"{label}_peak_mib"] = None if peak is None else round(peak, 1)
+    res["speedup"] = round(res["loop_ms"] / res["groupmoe_ms"], 2)
+    return res
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="JSON output path")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (fp32)")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--dequant", choices=["recompute", "cache"], default="recompute")
+    ap.add_argument("--shapes", nargs="*", default=None)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        shapes, device, dtype, tokens, iters, warmup = SMOKE, torch.device("cpu"), \
+            torch.float32, 32, 1, 0
+    else:
+        shapes, device, dtype, tokens, iters, warmup = SHAPES, torch.device("cuda"), \
+            torch.bfloat16, args.tokens, args.iters, 2
+    names = args.shapes or list(shapes)
+    rows = [bench_shape(n, shapes[n], tokens, args.rank, dtype, device, iters, warmup,
+                        args.dequant) for n in names]
+    meta = {"torch": torch.__version__, "device": torch.cuda.get_device_name() if
+            device.type == "cuda" else "cpu"}
+    try:
+        import bitsandbytes
+        meta["bitsandbytes"] = bitsandbytes.__version__
+    except Exception:
+        meta["bitsandbytes"] = None
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "results": rows}, f, indent=1)
+    print(f"{'shape':16} {'baseline':22} {'grp ms':>8} {'loop ms':>8} {'grp tok/s':>10} "
+          f"{'loop tok/s':>10} {'x':>5} {'grp MiB':>8} {'loop MiB':>8}")
+    for r in rows:
+        print(f"{r['shape']:16} {r['baseline']:22} {r['groupmoe_ms']:8.2f} {r['loop_ms']:8.2f} "
+              f"{r['groupmoe_tok_s']:10.0f} {r['loop_tok_s']:10.0f} {r['speedup']:5.2f} "
+              f"{r['groupmoe_peak_mib'] or 0:8.0f} {r['loop_peak_mib'] or 0:8.0f}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

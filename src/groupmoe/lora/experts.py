@@ -1,0 +1,150 @@
+"""LoRA on experts, grouped: ``x W + ((x A) B) * scale`` per expert, never forming ``W + BA``.
+
+The LoRA terms run as grouped GEMMs on the same expert-sorted rows as the base projection
+(rank ``r`` is small, so they cost ``2 r (in + out)`` flops per row against ``2 in out``). The
+base weights are frozen (bf16, or dequantized NF4); ``A``/``B``, ``x`` and the router weights
+get gradients through autograd over :func:`~groupmoe.ops.grouped_linear`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..ops.activations import Activation, get_activation
+from ..ops.checks import check
+from ..ops.experts import check_expert_args, gather_sum
+from ..ops.grouped_linear import grouped_linear
+from ..ops.routing import Routing
+
+
+@dataclass
+class LoRAFactors:
+    """One projection's adapter: ``delta_e = scale * a[e] @ b[e]`` in ``[E, in, out]`` layout.
+
+    ``a [E, in, r]``, ``b [E, r, out]``; several adapters add up by concatenating along ``r``.
+    """
+
+    a: torch.Tensor
+    b: torch.Tensor
+    scale: float = 1.0
+
+    def delta(self) -> torch.Tensor:
+        """The dense ``[E, in, out]`` delta (for tests and merging only)."""
+        return torch.bmm(self.a, self.b) * self.scale
+
+    def check(self, num_experts: int, d_in: int, d_out: int, where: str) -> None:
+        a, b = self.a, self.b
+        check(a.dim() == 3 and b.dim() == 3 and a.shape[2] == b.shape[1],
+              f"{where}: LoRA factors must be a [E, in, r] and b [E, r, out], got "
+              f"{tuple(a.shape)} and {tuple(b.shape)}")
+        check(a.shape[:2] == (num_experts, d_in) and (b.shape[0], b.shape[2]) == (num_experts,
+                                                                                 d_out),
+              f"{where}: LoRA factors must be [{num_experts}, {d_in}, r] and "
+              f"[{num_experts}, r, {d_out}], got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+@dataclass
+class ExpertLoRA:
+    """Adapters of an expert MLP: on ``gate_up`` (``[E, H, r]``, ``[E, r, 2I]``) and/or
+    ``down`` (``[E, I, r]``, ``[E, r, H]``)."""
+
+    gate_up: LoRAFactors | None = None
+    down: LoRAFactors | None = None
+
+
+def _lora_linear(x: torch.Tensor, w: torch.Tensor, lora: LoRAFactors | None, offs: torch.Tensor,
+                 bias: torch.Tensor | None = None, group_index: torch.Tensor | None = None):
+    y = grouped_linear(x, w, offs, bias, group_index)
+    if lora is not None:
+        # small (rank r): copy to the dense layout grouped_mm kernels accept (peft's are permuted)
+        a, b = lora.a.to(x.dtype).contiguous(), lora.b.to(x.dtype).contiguous()
+        y = y + grouped_linear(grouped_linear(x, a, offs), b, offs) * lora.scale
+    return y
+
+
+class _ActFunction(torch.autograd.Function):
+    """The gated activation keeping only its input (hand-written backward)."""
+
+    @staticmethod
+    def forward(ctx, h, act: Activation):
+        ctx.act = act
+        ctx.save_for_backward(h)
+        return act(h)
+
+    @staticmethod
+    def backward(ctx, da):
+        (h,) = ctx.saved_tensors
+        return ctx.act.backward(h, da.contiguous()), None
+
+
+def expert_mlp_lora(
+    x: torch.Tensor,
+    routing: Routing,
+    gate_weights: torch.Tensor,
+    w_gate_up: torch.Tensor,
+    w_down: torch.Tensor,
+    lora: ExpertLoRA | None,
+    b_gate_up: torch.Tensor | None = None,
+    b_down: torch.Tensor | None = None,
+    activation: str | Activation = "swiglu",
+) -> torch.Tensor:
+    """Routed expert MLP with per-expert LoRA on ``gate_up`` and ``down``, grouped.
+
+    Same contract as :func:`groupmoe.ops.expert_mlp` (weights ``[E, in, out]``, router weight
+    applied before the down projection, fp32 combine), plus ``lora``. LoRA factors are cast to
+    ``x``'s dtype for the GEMMs; their gradients flow back in their own dtype.
+    """
+    check_expert_args(x, routing, gate_weights, w_gate_up, w_down, b_gate_up, b_down)
+    act = get_activation(activation)
+    lora = lora or ExpertLoRA()
+    e, h, two_i = w_gate_up.shape
+    if lora.gate_up is not None:
+        lora.gate_up.check(e, h, two_i, "expert_mlp_lora gate_up")
+    if lora.down is not None:
+        lora.down.check(e, two_i // 2, h, "expert_mlp_lora down")
+    offs, idx = routing.offsets, routing.expert_index
+    xs = x.index_select(0, routing.token_index)
+    hid = _lora_linear(xs, w_gate_up, lora.gate_up, offs, b_gate_up, idx)
+    g = gate_weights.reshape(-1).index_select(0, routing.order).to(x.dtype).unsqueeze(1)
+    a = _ActFunction.apply(hid, act) * g
+    y = _lora_linear(a, w_down, lora.down, offs)
+    if b_down is not None:
+        y = y + g * b_down.index_select(0, idx)
+    return gather_sum(y, routing, x.dtype)
+
+
+class ExpertLoRAModule(nn.Module):
+    """Trainable LoRA factors for a stack of ``E`` experts (``A`` random, ``B`` zero at init).
+
+    Args:
+        rank, alpha: ``scale = alpha / rank``.
+        targets: any of ``"gate_up"``, ``"down"``.
+    """
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, rank: int,
+                 alpha: float | None = None, targets: tuple[str, ...] = ("gate_up", "down"),
+                 device=None, dtype=None):
+        super().__init__()
+        check(rank >= 1, f"ExpertLoRAModule: rank must be >= 1, got {rank}")
+        check(set(targets) <= {"gate_up", "down"} and len(targets) > 0,
+              f"ExpertLoRAModule: targets must be a subset of ('gate_up', 'down'), got {targets}")
+        self.scale = (alpha if alpha is not None else rank) / rank
+        dims = {"gate_up": (hidden_size, 2 * intermediate_size),
+                "down": (intermediate_size, hidden_size)}
+        self.targets = tuple(targets)
+        for name in self.targets:
+            d_in, d_out = dims[name]
+            a = torch.empty(num_experts, d_in, rank, device=device, dtype=dtype)
+            nn.init.normal_(a, std=1.0 / d_in ** 0.5)
+            self.register_parameter(f"{name}_a", nn.Parameter(a))
+            self.register_parameter(f"{name}_b", nn.Parameter(
+                torch.zeros(num_experts, rank, d_out, device=device, dtype=dtype)))
+
+    def factors(self) -> ExpertLoRA:
+        """The adapters as :class:`ExpertLoRA` (views of the parameters)."""
+        parts = {n: LoRAFactors(getattr(self, f"{n}_a"), getattr(self, f"{n}_b"), self.scale)
+                 for n in self.targets}
+        return ExpertLoRA(**parts)

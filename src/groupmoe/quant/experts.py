@@ -1,0 +1,147 @@
+"""Frozen NF4 experts on the grouped path: dequantize all experts once per step, then run the
+grouped expert MLP (optionally with grouped LoRA) on the dense stacks.
+
+``dequant="recompute"`` keeps no dense stack on the autograd tape: a saved-tensor hook swaps
+each saved view of a dequantized stack for a recipe and rebuilds it in backward (one extra
+dequantize per stack, cheap next to the GEMMs). ``"cache"`` keeps the stacks saved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..lora.experts import ExpertLoRA, ExpertLoRAModule, expert_mlp_lora
+from ..ops.activations import get_activation
+from ..ops.checks import check
+from ..ops.experts import SaveMode, expert_mlp
+from ..ops.routing import build_routing
+from .nf4 import Backend, NF4Tensor, dequantize_nf4, quantize_nf4
+
+DequantMode = Literal["recompute", "cache"]
+Layout = Literal["out_in", "in_out"]
+
+
+class _Rebuild:
+    """What a saved view of a dequantized stack becomes on the tape: how to make it again."""
+
+    __slots__ = ("make", "size", "stride", "offset")
+
+    def __init__(self, make: Callable[[], torch.Tensor], t: torch.Tensor):
+        self.make, self.size, self.stride = make, t.size(), t.stride()
+        self.offset = t.storage_offset()
+
+
+@contextlib.contextmanager
+def recompute_saved(stacks: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]]):
+    """Within the block, tensors saved for backward that view one of ``stacks`` (a dense
+    tensor and the function that rebuilds it) are not kept; backward calls the function."""
+    ptrs = {w.untyped_storage().data_ptr(): make for w, make in stacks}
+
+    def pack(t):
+        make = ptrs.get(t.untyped_storage().data_ptr()) if t.numel() else None
+        return _Rebuild(make, t) if make is not None else t
+
+    def unpack(p):
+        if isinstance(p, _Rebuild):
+            return p.make().as_strided(p.size, p.stride, p.offset)
+        return p
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        yield
+
+
+def _transposed(w: torch.Tensor, layout: Layout) -> torch.Tensor:
+    return w.transpose(-1, -2) if layout == "out_in" else w
+
+
+class QuantizedGroupedExperts(nn.Module):
+    """``E`` gated MLP experts whose weights are frozen NF4 stacks (bitsandbytes layout).
+
+    Args:
+        gate_up, down: :class:`NF4Tensor` stacks, ``[E, 2I, H]`` / ``[E, H, I]`` for
+            ``layout="out_in"`` (``nn.Linear``/bitsandbytes/Qwen3-MoE) or ``[E, H, 2I]`` /
+            ``[E, I, H]`` for ``"in_out"`` (gpt-oss).
+        gate_up_bias, down_bias: optional frozen per-expert biases ``[E, 2I]``, ``[E, H]``.
+        activation: ``"swiglu"`` or ``"gptoss"``.
+        dequant: ``"recompute"`` (rebuild the dense stacks in backward) or ``"cache"``.
+        compute_dtype: dtype of the dequantized stacks and the GEMMs.
+        save: the fused path's ``save`` (``"h"`` or ``"none"``), used without LoRA.
+        lora_rank, lora_alpha, lora_targets: add trainable grouped LoRA (rank 0: none).
+        backend: dequantize backend (see :func:`dequantize_nf4`).
+    """
+
+    def __init__(self, gate_up: NF4Tensor, down: NF4Tensor, activation: str = "swiglu",
+                 gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
+                 layout: Layout = "out_in", dequant: DequantMode = "recompute",
+                 compute_dtype: torch.dtype = torch.bfloat16, save: SaveMode = "h",
+                 lora_rank: int = 0, lora_alpha: float | None = None,
+                 lora_targets: tuple[str, ...] = ("gate_up", "down"), backend: Backend = "auto"):
+        super().__init__()
+        check(layout in ("out_in", "in_out"), f"QuantizedGroupedExperts: bad layout {layout!r}")
+        check(dequant in ("recompute", "cache"),
+              f"QuantizedGroupedExperts: dequant must be 'recompute' or 'cache', got {dequant!r}")
+        check(len(gate_up.shape) == 3 and len(down.shape) == 3,
+              "QuantizedGroupedExperts: gate_up and down must be 3-D [E, ., .] NF4 stacks")
+        self.layout, self.dequant, self.save, self.backend = layout, dequant, save, backend
+        self.compute_dtype = compute_dtype
+        self.activation = get_activation(activation)
+        e, h, two_i = _transposed(torch.empty(gate_up.shape, device="meta"), layout).shape
+        self.num_experts, self.hidden_size, self.intermediate_size = e, h, two_i // 2
+        self.gate_up_q, self.down_q = gate_up, down
+        self.register_buffer("gate_up_bias", gate_up_bias)
+        self.register_buffer("down_bias", down_bias)
+        self.lora = ExpertLoRAModule(e, h, two_i // 2, lora_rank, lora_alpha, lora_targets,
+                                     device=gate_up.device) if lora_rank else None
+
+    @classmethod
+    def from_dense(cls, w_gate_up: torch.Tensor, w_down: torch.Tensor, nested: bool = False,
+                   layout: Layout = "in_out", **kwargs) -> QuantizedGroupedExperts:
+        """Quantize dense stacks (e.g. a :class:`~groupmoe.nn.GroupedExperts`' ``gate_up``/
+        ``down``, ``[E, in, out]``) to NF4."""
+        return cls(quantize_nf4(w_gate_up.detach(), nested=nested),
+                   quantize_nf4(w_down.detach(), nested=nested), layout=layout, **kwargs)
+
+    def _apply(self, fn, recurse=True):
+        # NF4 stacks are not parameters/buffers: move them with the module
+        probe = fn(torch.empty(0, device=self.gate_up_q.device))
+        self.gate_up_q, self.down_q = self.gate_up_q.to(probe.device), self.down_q.to(
+            probe.device)
+        return super()._apply(fn, recurse)
+
+    def dense_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dequantized ``(gate_up, down)`` in ``compute_dtype``, ``[E, in, out]`` views."""
+        w1 = dequantize_nf4(self.gate_up_q, self.compute_dtype, self.backend)
+        w2 = dequantize_nf4(self.down_q, self.compute_dtype, self.backend)
+        return _transposed(w1, self.layout), _transposed(w2, self.layout)
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gate_weights: torch.Tensor,
+                lora: ExpertLoRA | None = None) -> torch.Tensor:
+        """``x [T, H]``, ``expert_ids [T, k]``, ``gate_weights [T, k]`` -> ``[T, H]``.
+
+        ``lora`` overrides the module's own adapters (e.g. factors read from peft).
+        """
+        check(x.dtype == self.compute_dtype,
+              f"QuantizedGroupedExperts: x is {x.dtype}, compute dtype is {self.compute_dtype}")
+        routing = build_routing(expert_ids, self.num_experts)
+        if lora is None and self.lora is not None:
+            lora = self.lora.factors()
+        b1 = None if self.gate_up_bias is None else self.gate_up_bias.to(x.dtype)
+        b2 = None if self.down_bias is None else self.down_bias.to(x.dtype)
+        w1, w2 = self.dense_weights()
+        ctx = contextlib.nullcontext()
+        if self.dequant == "recompute":
+            ctx = recompute_saved([
+                (w1, lambda: dequantize_nf4(self.gate_up_q, self.compute_dtype, self.backend)),
+                (w2, lambda: dequantize_nf4(self.down_q, self.compute_dtype, self.backend)),
+            ])
+        with ctx:
+            if lora is None:
+                return expert_mlp(x, routing, gate_weights, w1, w2, b1, b2, self.activation,
+                                  save=self.save)
+            return expert_mlp_lora(x, routing, gate_weights, w1, w2, lora, b1, b2,
+                                   self.activation)

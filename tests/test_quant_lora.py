@@ -1,0 +1,336 @@
+"""NF4 layout/dequant parity (with bitsandbytes where installed), frozen quantized experts,
+grouped LoRA on experts against the merged-weight oracle, peft interop."""
+
+import os
+
+import pytest
+import torch
+
+from groupmoe.lora import (
+    ExpertLoRA,
+    LoRAFactors,
+    expert_mlp_lora,
+    lora_from_peft_param_wrapper,
+    unwrap_param_wrappers,
+)
+from groupmoe.ops import build_routing, expert_mlp_reference
+from groupmoe.quant import (
+    NF4Tensor,
+    QuantizedGroupedExperts,
+    absmax_fp32,
+    dequantize_nf4,
+    quantize_nf4,
+    stack_nf4,
+)
+from groupmoe.quant.nf4 import NF4_CODE
+from moe_cases import make_ids, rel_err
+
+SHAPES = [(4, 64, 130), (3, 7, 5), (2, 128, 64), (1, 1, 33)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _weights(shape):
+    return torch.randn(*shape) * (torch.rand(shape[0], 1, 1) * 3 + 0.1)
+
+
+def _reference_dequant(t: NF4Tensor) -> torch.Tensor:
+    """Element by element from the layout's definition (fp64, then rounded like bnb)."""
+    b = t.packed.reshape(-1).long()
+    codes = torch.stack([b >> 4, b & 15], 1).reshape(-1)[: t.numel]
+    scale = absmax_fp32(t).repeat_interleave(t.blocksize)[: t.numel]
+    return (torch.tensor(NF4_CODE)[codes] * scale).view(t.shape)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_nf4_roundtrip_and_reference(shape, nested):
+    w = _weights(shape)
+    t = quantize_nf4(w, nested=nested)
+    assert t.packed.shape == ((w.numel() + 1) // 2, 1) and t.packed.dtype == torch.uint8
+    ref = _reference_dequant(t)
+    for dtype in DTYPES:
+        assert torch.equal(dequantize_nf4(t, dtype, backend="torch"), ref.to(dtype))
+    # 4-bit NF4: error bounded by half the widest code gap times the block scale
+    assert (dequantize_nf4(t) - w).abs().max() <= 0.17 * w.abs().max()
+
+
+def test_high_nibble_first():
+    w = torch.zeros(64)
+    w[0], w[1] = -1.0, 1.0  # codes 0 and 15
+    t = quantize_nf4(w)
+    assert t.packed[0, 0].item() == 0x0F and t.absmax[0].item() == 1.0
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bitsandbytes_parity(shape, nested):
+    """Bit-exact with bitsandbytes' dequantize_4bit on its own QuantState (loaded, no
+    conversion); our quantize gives bnb's bytes and absmax."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    w = _weights(shape)
+    q, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4",
+                                  compress_statistics=nested)
+    ours = quantize_nf4(w, nested=nested)
+    assert torch.equal(ours.packed, q)
+    if nested:  # second-level scales match; rare ties in the 8-bit codes may round differently
+        assert torch.equal(ours.absmax2, state.state2.absmax)
+        assert torch.equal(ours.offset, state.offset)
+        assert (ours.absmax != state.absmax).float().mean() < 0.01
+    else:
+        assert torch.equal(ours.absmax, state.absmax)
+    loaded = NF4Tensor.from_bnb(q, state)
+    assert loaded.packed.data_ptr() == q.data_ptr()
+    for dtype in DTYPES:
+        state.dtype = dtype
+        ref = bnbf.dequantize_4bit(q, state)
+        assert torch.equal(dequantize_nf4(loaded, dtype, backend="torch"), ref)
+        assert torch.equal(dequantize_nf4(loaded, dtype, backend="bnb"), ref)
+    packed, st = ours.to_bnb()
+    assert torch.equal(bnbf.dequantize_4bit(packed, st), dequantize_nf4(ours))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_triton_kernel_interpreter(nested, monkeypatch):
+    """The Triton kernel under TRITON_INTERPRET=1 (CPU). fp32/fp16 are exact; the interpreter
+    truncates to bf16 (CUDA rounds to nearest), so bf16 is checked to one ulp here and
+    exactly in the GPU test."""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("set TRITON_INTERPRET=1 to run Triton on CPU")
+    from groupmoe.quant.nf4_triton import dequantize_nf4_triton
+
+    t = quantize_nf4(_weights((3, 64, 70)), nested=nested)
+    for dtype in DTYPES:
+        got = dequantize_nf4_triton(t.packed, absmax_fp32(t), t.shape, t.blocksize, dtype)
+        ref = dequantize_nf4(t, dtype, backend="torch")
+        if dtype == torch.bfloat16:
+            assert ((got.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7).all()
+        else:
+            assert torch.equal(got, ref)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("nested", [False, True])
+def test_triton_matches_bitsandbytes_gpu(nested):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    w = _weights((8, 256, 192)).cuda()
+    q, state = bnbf.quantize_4bit(w, blocksize=64, quant_type="nf4", compress_statistics=nested)
+    loaded = NF4Tensor.from_bnb(q, state)
+    for dtype in DTYPES:
+        state.dtype = dtype
+        ref = bnbf.dequantize_4bit(q, state)
+        assert torch.equal(dequantize_nf4(loaded, dtype, backend="triton"), ref)
+        assert torch.equal(dequantize_nf4(loaded, dtype, backend="torch"), ref)
+
+
+def test_stack_nf4_is_exact():
+    parts = [quantize_nf4(_weights((1, 16, 64))[0], nested=i % 2 == 1) for i in range(4)]
+    stacked = stack_nf4(parts)
+    assert stacked.shape == (4, 16, 64)
+    ref = torch.stack([dequantize_nf4(p) for p in parts])
+    assert torch.equal(dequantize_nf4(stacked), ref)
+
+
+def test_bad_input_errors():
+    t = quantize_nf4(torch.randn(4, 64))
+    with pytest.raises(ValueError, match="absmax must hold"):
+        NF4Tensor(t.packed, t.absmax[:-1], t.shape, t.dtype)
+    with pytest.raises(ValueError, match="blocksize"):
+        quantize_nf4(torch.randn(64), blocksize=48)
+    with pytest.raises(ValueError, match="backend"):
+        dequantize_nf4(t, backend="cuda")
+    with pytest.raises(ValueError, match="fp32/bf16/fp16"):
+        quantize_nf4(torch.randn(64).double())
+
+
+# ----- LoRA on experts -----
+
+def _lora_case(t=37, h=24, i=20, e=6, k=2, r=3, load="random", bias=False, dtype=torch.float64,
+               activation="swiglu"):
+    x = torch.randn(t, h, dtype=dtype, requires_grad=True)
+    ids = make_ids(t, k, e, load)
+    gates = (torch.rand(t, k, dtype=dtype) + 0.1).requires_grad_()
+    w1 = torch.randn(e, h, 2 * i, dtype=dtype) / h ** 0.5
+    w2 = torch.randn(e, i, h, dtype=dtype) / i ** 0.5
+    b1 = torch.randn(e, 2 * i, dtype=dtype) * 0.1 if bias else None
+    b2 = torch.randn(e, h, dtype=dtype) * 0.1 if bias else None
+    facs = [torch.randn(e, d, r, dtype=dtype, requires_grad=True) for d in (h, i)]
+    outs = [torch.randn(e, r, d, dtype=dtype, requires_grad=True) for d in (2 * i, h)]
+    lora = ExpertLoRA(LoRAFactors(facs[0], outs[0], 0.5), LoRAFactors(facs[1], outs[1], 2.0))
+    return x, ids, gates, w1, w2, b1, b2, lora
+
+
+@pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gptoss", True)])
+@pytest.mark.parametrize("t,h,i,e,k,load", [(37, 24, 20, 6, 2, "random"),
+                                            (29, 13, 7, 5, 3, "skewed"),
+                                            (21, 16, 12, 8, 1, "single"),
+                                            (1, 12, 8, 4, 2, "random")])
+def test_lora_matches_merged_oracle_fp64(t, h, i, e, k, load, activation, bias):
+    x, ids, gates, w1, w2, b1, b2, lora = _lora_case(t, h, i, e, k, 3, load, bias,
+                                                     activation=activation)
+    leaves = [x, gates, lora.gate_up.a, lora.gate_up.b, lora.down.a, lora.down.b]
+    ref = expert_mlp_reference(x, ids, gates, w1 + lora.gate_up.delta(),
+                               w2 + lora.down.delta(), b1, b2, activation)
+    up = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, leaves, up)
+    out = expert_mlp_lora(x, build_routing(ids, e), gates, w1, w2, lora, b1, b2, activation)
+    grads = torch.autograd.grad(out, leaves, up)
+    assert rel_err(out, ref) < 1e-12
+    for name, g, rg in zip(["x", "gates", "A1", "B1", "A2", "B2"], grads, ref_grads):
+        assert rel_err(g, rg) < 1e-11, name
+
+
+def test_lora_one_projection_and_none():
+    x, ids, gates, w1, w2, _, _, lora = _lora_case()
+    routing = build_routing(ids, 6)
+    only_down = ExpertLoRA(down=lora.down)
+    ref = expert_mlp_reference(x, ids, gates, w1, w2 + lora.down.delta())
+    assert rel_err(expert_mlp_lora(x, routing, gates, w1, w2, only_down), ref) < 1e-12
+    ref0 = expert_mlp_reference(x, ids, gates, w1, w2)
+    assert rel_err(expert_mlp_lora(x, routing, gates, w1, w2, None), ref0) < 1e-12
+    with pytest.raises(ValueError, match="LoRA factors"):
+        bad = ExpertLoRA(gate_up=LoRAFactors(lora.down.a, lora.down.b))
+        expert_mlp_lora(x, routing, gates, w1, w2, bad)
+
+
+# ----- quantized experts -----
+
+@pytest.mark.parametrize("dequant", ["recompute", "cache"])
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_quantized_experts_match_dequantized_oracle(dequant, nested, lora_rank):
+    e, h, i, t, k = 6, 32, 16, 40, 2
+    w1 = torch.randn(e, 2 * i, h) / h ** 0.5  # nn.Linear layout, as bitsandbytes stores it
+    w2 = torch.randn(e, h, i) / i ** 0.5
+    mod = QuantizedGroupedExperts(quantize_nf4(w1, nested=nested), quantize_nf4(w2, nested=nested),
+                                  dequant=dequant, compute_dtype=torch.float32,
+                                  lora_rank=lora_rank, lora_alpha=8)
+    if mod.lora is not None:
+        torch.nn.init.normal_(mod.lora.gate_up_b)
+        torch.nn.init.normal_(mod.lora.down_b)
+    x = torch.randn(t, h, requires_grad=True)
+    ids = make_ids(t, k, e, "skewed")
+    gates = (torch.rand(t, k) + 0.1).requires_grad_()
+    out = mod(x, ids, gates)
+    params = [x, gates] + list(mod.lora.parameters() if mod.lora else [])
+    up = torch.randn_like(out)
+    grads = torch.autograd.grad(out, params, up)
+
+    d1, d2 = (dequantize_nf4(q).double().transpose(-1, -2) for q in (mod.gate_up_q, mod.down_q))
+    if mod.lora is not None:
+        lf = mod.lora.factors()
+        d1 = d1 + lf.gate_up.delta().double()
+        d2 = d2 + lf.down.delta().double()
+    ref = expert_mlp_reference(x.double(), ids, gates.double(), d1, d2)
+    ref_grads = torch.autograd.grad(ref, params, up.double())
+    assert rel_err(out, ref) < 1e-5
+    for g, rg in zip(grads, ref_grads):
+        assert rel_err(g, rg) < 1e-5
+
+
+def test_recompute_keeps_no_dense_stack_on_tape():
+    """With recompute, the dense stacks are rebuilt in backward: dequantize runs again."""
+    e, h, i = 4, 32, 16
+    calls = []
+    mod = QuantizedGroupedExperts.from_dense(torch.randn(e, h, 2 * i), torch.randn(e, i, h),
+                                             compute_dtype=torch.float32, lora_rank=2)
+    orig = mod.dense_weights
+
+    def counted():
+        calls.append(1)
+        return orig()
+
+    mod.dense_weights = counted
+    x = torch.randn(16, h, requires_grad=True)
+    ids = make_ids(16, 2, e)
+    gates = torch.rand(16, 2)
+    import groupmoe.quant.experts as qe
+
+    real = qe.dequantize_nf4
+    n = []
+    qe.dequantize_nf4 = lambda *a, **kw: (n.append(1), real(*a, **kw))[1]
+    try:
+        out = mod(x, ids, gates)
+        forward_calls = len(n)
+        out.sum().backward()
+    finally:
+        qe.dequantize_nf4 = real
+    assert forward_calls == 2 and len(n) == 4  # gate_up and down rebuilt once each
+    assert x.grad is not None and mod.lora.gate_up_a.grad is not None
+
+
+# ----- peft interop -----
+
+def _tiny_qwen3_moe_with_peft(adapters=("default",), dtype=torch.float64):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
+        num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+        num_experts=4, num_experts_per_tok=2, decoder_sparse_step=1)
+    model = transformers.Qwen3MoeForCausalLM(cfg).to(dtype)
+    lcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[], init_lora_weights=False,
+                           target_parameters=["mlp.experts.gate_up_proj",
+                                              "mlp.experts.down_proj"])
+    model = peft.get_peft_model(model, lcfg, adapter_name=adapters[0])
+    for extra in adapters[1:]:
+        model.add_adapter(extra, peft.LoraConfig(
+            r=2, lora_alpha=6, target_modules=[], init_lora_weights=False,
+            target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]))
+    return model
+
+
+def _experts_wrapper(model):
+    return model.base_model.model.model.layers[0].mlp.experts
+
+
+@pytest.mark.parametrize("multi", [False, True])
+def test_peft_param_wrapper_factors_match_peft_delta(multi):
+    model = _tiny_qwen3_moe_with_peft(("default", "second") if multi else ("default",))
+    if multi:
+        model.base_model.set_adapter(["default", "second"])
+    wrapper = _experts_wrapper(model)
+    base, wrappers = unwrap_param_wrappers(wrapper)
+    assert set(wrappers) == {"gate_up_proj", "down_proj"}
+    lora = lora_from_peft_param_wrapper(wrapper)
+    for name, fac in (("gate_up_proj", lora.gate_up), ("down_proj", lora.down)):
+        w = wrappers[name]
+        peft_delta = sum(w.get_delta_weight(a) for a in w.active_adapters)
+        # Qwen3-MoE stacks are [E, out, in]; ours are [E, in, out]
+        assert torch.allclose(fac.delta(), peft_delta.transpose(-1, -2), atol=1e-12)
+        assert getattr(base, name).shape[0] == fac.a.shape[0]
+
+
+def test_peft_forward_matches_grouped_lora():
+    """The peft-wrapped experts' own forward equals the grouped LoRA path on its factors,
+    and gradients reach peft's lora_A/lora_B."""
+    model = _tiny_qwen3_moe_with_peft(dtype=torch.float32)  # transformers' experts: no fp64
+    wrapper = _experts_wrapper(model)
+    base, _ = unwrap_param_wrappers(wrapper)
+    t, k = 10, 2
+    x = torch.randn(t, 32)
+    ids = make_ids(t, k, 4)
+    gates = torch.rand(t, k)
+    ref = wrapper(x, ids, gates)
+    lora = lora_from_peft_param_wrapper(wrapper)
+    out = expert_mlp_lora(x, build_routing(ids, 4), gates, base.gate_up_proj.transpose(-1, -2),
+                          base.down_proj.transpose(-1, -2), lora)
+    assert rel_err(out, ref) < 1e-5
+    out.sum().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None for g in grads)
+
+
+def test_peft_disabled_adapters_give_none():
+    model = _tiny_qwen3_moe_with_peft()
+    with model.disable_adapter():
+        assert lora_from_peft_param_wrapper(_experts_wrapper(model)) is None
+
+
+def test_qlora_bench_smoke(tmp_path):
+    from groupmoe.bench.qlora import main
+
+    out = tmp_path / "qlora.json"
+    rows = main(["--smoke", "--out", str(out)])
+    assert out.exists() and len(rows) == 2
+    assert all(r["rel_diff_vs_loop"] < 1e-4 for r in rows)
