@@ -38,4 +38,13 @@ for name in ("swiglu", "gptoss"):
         assert rel_err(out, ref) < 1e-5
         for k in ref_grads:
             assert rel_err(grads[k], ref_grads[k]) < 1e-5, (name, save, k)
+from groupmoe.ops import build_routing, gather_sum  # noqa: E402
+from groupmoe.ops.routing import combine  # noqa: E402
+
+for t, k, h in ((13, 3, 20), (1, 1, 5), (40, 2, 300)):
+    ids = torch.stack([torch.randperm(6)[:k] for _ in range(t)])
+    r = build_routing(ids, 6)
+    rows = torch.randn(t * k, h)
+    backend.set_backend("triton")
+    assert rel_err(gather_sum(rows, r, torch.float32), combine(rows, r)) < 1e-6
 print("interp-ok")

@@ -39,8 +39,9 @@ def _interpreting() -> bool:
 
 
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether the Triton kernels should handle this tensor."""
-    if _backend == "torch":
+    """Whether the Triton kernels should handle this tensor (fp64 always runs torch: the
+    kernels accumulate in fp32)."""
+    if _backend == "torch" or t.dtype == torch.float64:
         return False
     if t.is_cuda:
         if triton_installed():

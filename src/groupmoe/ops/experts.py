@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from .activations import Activation, get_activation, scaled_backward, scaled_forward
+from .backend import use_triton
 from .checks import check, check_same_device, check_same_dtype
 from .dtypes import accum_dtype, to_accum
 from .grouped_gemm import grouped_mm, grouped_mm_wgrad, segment_sum
@@ -70,8 +71,13 @@ def check_expert_args(
 def gather_sum(rows: torch.Tensor, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
     """``out[t] = sum_s rows[sorted row of (t, s)]`` accumulated in fp32, cast once.
 
-    Deterministic (no atomics) and without an fp32 copy of ``rows``.
+    Deterministic (no atomics) and without an fp32 copy of ``rows``; on CUDA one Triton pass
+    without the gathered ``[T*k, H]`` copy either.
     """
+    if use_triton(rows):
+        from ..kernels.combine import gather_sum as gather_sum_kernel
+
+        return gather_sum_kernel(rows, routing.inverse, routing.top_k, dtype)
     t, k = routing.num_tokens, routing.top_k
     picked = rows.index_select(0, routing.inverse).view(t, k, rows.shape[1])
     return picked.sum(1, dtype=accum_dtype(rows.dtype)).to(dtype)
@@ -159,7 +165,9 @@ class ExpertMLPFunction(torch.autograd.Function):
             if need_b1 else None
         dx = None
         if need_x:
-            dx = gather_sum(grouped_mm(dh, w1.transpose(-1, -2), offs), routing, x.dtype)
+            dxs = grouped_mm(dh, w1.transpose(-1, -2), offs)
+            del dh
+            dx = gather_sum(dxs, routing, x.dtype)
         dgate = None
         if need_g:
             dgate = torch.empty_like(dg).index_copy_(0, routing.order, dg)
