@@ -4,7 +4,7 @@ import json
 import subprocess
 import sys
 
-from groupmoe.bench.layer import IMPLS, bench_layer
+from groupmoe.bench.layer import DEFAULT_IMPLS, IMPLS, bench_layer
 from groupmoe.bench.shapes import SHAPES, SMOKE_SHAPE
 from groupmoe.demo import run_demo
 
@@ -22,7 +22,7 @@ def test_demo_losses_match_and_decrease():
 def test_bench_smoke_rows():
     rows = bench_layer([SMOKE_SHAPE], 32, repeat=2, device="cpu", log=lambda s: None)
     assert {(r.mode, r.impl) for r in rows} == {(m, i) for m in ("train", "frozen")
-                                                for i in IMPLS}
+                                                for i in DEFAULT_IMPLS}
     assert all(r.ms > 0 and r.tflops > 0 for r in rows)
     dense = [r for r in rows if r.impl == "dense"]
     assert all(r.x_dense == 1.0 for r in dense)
@@ -47,3 +47,9 @@ def test_cli_rejects_unknown_shape():
     proc = subprocess.run([sys.executable, "-m", "groupmoe", "bench", "--shapes", "nope"],
                           capture_output=True, text=True)
     assert proc.returncode != 0 and "unknown shapes" in proc.stderr
+
+
+def test_bench_recompute_impl_runs():
+    rows = bench_layer([SMOKE_SHAPE], 16, modes=("train",), impls=("groupmoe", *IMPLS[3:4]),
+                       repeat=1, device="cpu", log=lambda s: None)
+    assert [r.impl for r in rows] == ["groupmoe", "groupmoe-recompute"]

@@ -1,7 +1,8 @@
 """``groupmoe bench``: one MoE layer's forward+backward per implementation, against a dense chain.
 
 Implementations: ``loop`` (per-expert reference), ``naive`` (sort + grouped_mm + plain
-autograd), ``groupmoe`` (the fused memory-lean Function), and ``dense``: the same FLOPs as one
+autograd), ``groupmoe`` (the fused memory-lean Function, ``save="h"``),
+``groupmoe-recompute`` (``save="none"``), and ``dense``: the same FLOPs as one
 dense GEMM chain ``act(x W1) W2`` over ``T*k`` rows, i.e. the GPU's speed at this work with
 routing free. Modes: ``train`` (expert weights get gradients, 3 GEMM passes) and ``frozen``
 (only dX, 2 passes).
@@ -21,7 +22,8 @@ from ..ops.activations import get_activation
 from .shapes import SHAPES, SMOKE_SHAPE, Shape
 from .timing import median_ms, peak_extra_bytes
 
-IMPLS = ("loop", "naive", "groupmoe", "dense")
+IMPLS = ("loop", "naive", "groupmoe", "groupmoe-recompute", "dense")
+DEFAULT_IMPLS = ("loop", "naive", "groupmoe", "dense")
 MODES = ("train", "frozen")
 
 
@@ -93,8 +95,11 @@ class LayerProblem:
                 out = expert_mlp_reference(x, ids, gates, *weights)
             else:
                 routing = build_routing(ids, self.shape.experts)
-                fn = expert_mlp_naive if impl == "naive" else expert_mlp
-                out = fn(x, routing, gates, *weights)
+                if impl == "naive":
+                    out = expert_mlp_naive(x, routing, gates, *weights)
+                else:
+                    save = "none" if impl == "groupmoe-recompute" else "h"
+                    out = expert_mlp(x, routing, gates, *weights, save=save)
             out.backward(dout)
 
         return step
@@ -104,7 +109,7 @@ class LayerProblem:
         return passes * self.shape.flops_per_pass(self.tokens)
 
 
-def bench_layer(shapes, tokens: int, modes=MODES, impls=IMPLS, device=None,
+def bench_layer(shapes, tokens: int, modes=MODES, impls=DEFAULT_IMPLS, device=None,
                 dtype=torch.bfloat16, repeat: int = 20, log=print) -> list[Row]:
     """Time every (shape, mode, impl); returns rows with ratios to ``dense`` and ``naive``."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -187,7 +192,7 @@ def add_arguments(p) -> None:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), help="DESIGN.md shape names")
     p.add_argument("--tokens", type=int, default=None, help="tokens per step (default 8192)")
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
+    p.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS), choices=IMPLS)
     p.add_argument("--repeat", type=int, default=20, help="timed runs per cell (median)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--device", default=None)
