@@ -4,9 +4,30 @@ from . import nn, ops
 from .nn import GroupedExperts, MoEBlock, TopKRouter
 from .ops import build_routing, expert_mlp, route, set_validation
 
+
+def patch(model):
+    """Accelerate a transformers MoE model in place; see :func:`groupmoe.integrations.patch`."""
+    from .integrations.transformers import patch as _patch
+
+    return _patch(model)
+
+
+def unpatch(model) -> None:
+    """Undo :func:`patch`."""
+    from .integrations.transformers import unpatch as _unpatch
+
+    _unpatch(model)
+
+
+def patched(model):
+    """Context manager: ``with groupmoe.patched(model) as report: ...``."""
+    from .integrations.transformers import patched as _patched
+
+    return _patched(model)
+
 __version__ = "0.1.0"
 
 __all__ = [
     "GroupedExperts", "MoEBlock", "TopKRouter", "build_routing", "expert_mlp", "nn", "ops",
-    "route", "set_validation", "__version__",
+    "patch", "patched", "route", "set_validation", "unpatch", "__version__",
 ]

@@ -1,0 +1,167 @@
+"""transformers 4.x MoE blocks whose experts are an ``nn.ModuleList`` of MLPs (seed 003).
+
+The block's forward is replaced by: router (the model's exact rule: softmax in fp32, top-k,
+renormalise as the model does, Mixtral's training jitter, weights cast to the activations'
+dtype) -> groupmoe's grouped expert MLP on stacks of the experts' weights -> the model's
+shared expert, returning what the model returned (``(hidden, router_logits)`` or ``hidden``).
+
+The stacks are built from the per-expert ``nn.Linear`` weights on every call (``torch.stack``,
+so gradients reach each expert) and are not kept for backward: they are rebuilt there.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.activations import SwiGLU
+from ..ops.experts import expert_mlp
+from ..ops.routing import build_routing
+from ..quant.experts import recompute_saved
+
+log = logging.getLogger("groupmoe")
+
+# block class -> names of the gate, up and down projections inside each expert
+BLOCKS: dict[str, tuple[str, str, str]] = {
+    "Qwen3MoeSparseMoeBlock": ("gate_proj", "up_proj", "down_proj"),
+    "Qwen2MoeSparseMoeBlock": ("gate_proj", "up_proj", "down_proj"),
+    "OlmoeSparseMoeBlock": ("gate_proj", "up_proj", "down_proj"),
+    "MixtralSparseMoeBlock": ("w1", "w3", "w2"),
+}
+_ORIGINAL = "_groupmoe_original_forward"
+_warned: set[tuple[str, str]] = set()
+
+
+def _projections(block: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
+    names = BLOCKS[type(block).__name__]
+    return [tuple(getattr(e, n, None) for n in names) for e in block.experts]
+
+
+def _has_adapter(lin: nn.Module) -> bool:
+    return getattr(lin, "lora_A", None) is not None or getattr(lin, "base_layer", None) \
+        is not None
+
+
+def _static_reason(block: nn.Module) -> str | None:
+    if not isinstance(getattr(block, "gate", None), nn.Linear):
+        return "router is not a plain nn.Linear"
+    for idx, projs in enumerate(_projections(block)):
+        for lin in projs:
+            if lin is None or not isinstance(getattr(lin, "weight", None), torch.Tensor):
+                return f"expert {idx} lacks a projection"
+            if _has_adapter(lin):
+                return f"expert {idx} carries a LoRA adapter"
+            if not lin.weight.is_floating_point() or getattr(lin, "bias", None) is not None:
+                return f"expert {idx} has quantized or biased weights"
+        act = getattr(block.experts[idx], "act_fn", None)
+        probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
+        if act is None or not torch.allclose(act(probe), F.silu(probe)):
+            return f"expert {idx} activation is not SiLU"
+    return None
+
+
+def _runtime_reason(block: nn.Module, x: torch.Tensor) -> str | None:
+    for idx, projs in enumerate(_projections(block)):
+        for lin in projs:
+            if _has_adapter(lin):
+                return f"expert {idx} gained a LoRA adapter"
+            w = lin.weight
+            if w.dtype != x.dtype or w.device != x.device:
+                return f"expert {idx} weights {w.dtype} on {w.device}, input {x.dtype} on " \
+                       f"{x.device}"
+    if x.is_cuda and x.dtype == torch.float32:
+        return "fp32 on CUDA (grouped GEMM kernels are bf16/fp16)"
+    return None
+
+
+def _returns_router_logits(block: nn.Module) -> bool:
+    """Whether the model's own forward returns ``(hidden, router_logits)`` (the contract
+    changed across 4.x releases for some models): probed once with a one-token input, in
+    eval mode so no jitter draws from the RNG."""
+    w = block.gate.weight
+    probe = torch.zeros(1, 1, w.shape[1], dtype=w.dtype, device=w.device)
+    was_training = block.training
+    block.eval()
+    try:
+        with torch.no_grad():
+            return isinstance(block.forward(probe), tuple)
+    finally:
+        block.train(was_training)
+
+
+def _stacks(block: nn.Module):
+    projs = _projections(block)
+
+    def gate_up():  # [E, 2I, H], gate rows first
+        return torch.stack([torch.cat([g.weight, u.weight]) for g, u, _ in projs])
+
+    def down():  # [E, H, I]
+        return torch.stack([d.weight for _, _, d in projs])
+
+    return gate_up, down
+
+
+def grouped_block_forward(self: nn.Module, hidden_states: torch.Tensor):
+    """Replacement forward of a ModuleList MoE block (see module docstring)."""
+    reason = _runtime_reason(self, hidden_states)
+    if reason is not None:
+        key = (type(self).__name__, reason)
+        if key not in _warned:
+            _warned.add(key)
+            log.warning("groupmoe: %s runs its original forward: %s", key[0], reason)
+        return getattr(self, _ORIGINAL)(hidden_states)
+    shape = hidden_states.shape
+    jitter = getattr(self, "jitter_noise", 0.0)
+    if self.training and jitter > 0:  # Mixtral: jittered input feeds router and experts
+        hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
+            1.0 - jitter, 1.0 + jitter)
+    x = hidden_states.reshape(-1, shape[-1])
+    router_logits = self.gate(x)
+    weights = F.softmax(router_logits, dim=1, dtype=torch.float)
+    weights, ids = torch.topk(weights, self.top_k, dim=-1)
+    if type(self).__name__ == "MixtralSparseMoeBlock" or getattr(self, "norm_topk_prob", False):
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    weights = weights.to(x.dtype)
+    make_gate_up, make_down = _stacks(self)
+    w1, w2 = make_gate_up(), make_down()
+    with recompute_saved([(w1, make_gate_up), (w2, make_down)]):
+        out = expert_mlp(x, build_routing(ids, len(self.experts)), weights,
+                         w1.transpose(-1, -2), w2.transpose(-1, -2), activation=SwiGLU())
+    if getattr(self, "shared_expert", None) is not None:
+        shared = self.shared_expert(x)
+        if getattr(self, "shared_expert_gate", None) is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+        out = out + shared
+    out = out.reshape(shape)
+    return (out, router_logits) if self._groupmoe_returns_logits else out
+
+
+def patch_modulelist_blocks(model: nn.Module, report) -> None:
+    """Replace the forward of every eligible 4.x ModuleList MoE block; record in ``report``."""
+    for name, block in model.named_modules():
+        if type(block).__name__ not in BLOCKS or hasattr(block, _ORIGINAL) or \
+                not isinstance(getattr(block, "experts", None), nn.ModuleList):
+            continue  # transformers 5 blocks of the same name hold stacked experts
+        reason = _static_reason(block)
+        if reason is not None:
+            report.skipped[name] = reason
+            continue
+        setattr(block, _ORIGINAL, block.forward)
+        block._groupmoe_returns_logits = _returns_router_logits(block)
+        block.forward = types.MethodType(grouped_block_forward, block)
+        report.patched.append(name)
+
+
+def unpatch_modulelist_blocks(model: nn.Module) -> None:
+    """Restore the original forwards (only those groupmoe replaced)."""
+    for block in model.modules():
+        if hasattr(block, _ORIGINAL) and getattr(block.forward, "__func__", None) \
+                is grouped_block_forward:
+            block.forward = getattr(block, _ORIGINAL)
+            del block.__dict__["forward"]
+            delattr(block, _ORIGINAL)
+            delattr(block, "_groupmoe_returns_logits")

@@ -1,0 +1,235 @@
+"""Accelerate Hugging Face transformers MoE models with groupmoe, keeping their semantics.
+
+transformers 5 keeps experts as stacked parameters in classes decorated with
+``use_experts_implementation``, dispatching on ``config._experts_implementation`` through
+``ALL_EXPERTS_FUNCTIONS``. :func:`register` adds ``"groupmoe"`` there (so
+``from_pretrained(..., experts_implementation="groupmoe")`` works) and :func:`patch` switches a
+loaded model to it. Only the experts computation changes: routers, shared experts, dtype casts
+and return values stay the model's own. transformers 4 keeps experts as ``nn.ModuleList``
+blocks; :mod:`groupmoe.integrations.modulelist` patches those.
+
+Each call checks eligibility again (device, dtype, quantized or LoRA-wrapped weights) and runs
+the model's original forward, with a one-time warning that says why, where groupmoe cannot.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.activations import Activation, GptOssGLU, SwiGLU
+from ..ops.experts import expert_mlp
+from ..ops.routing import build_routing
+
+log = logging.getLogger("groupmoe")
+IMPL_NAME = "groupmoe"
+_PREVIOUS = "_groupmoe_previous_impl"
+_warned: set[tuple[str, str]] = set()
+
+
+@dataclass
+class PatchReport:
+    """What :func:`patch` did: module paths patched, and those skipped with the reason."""
+
+    patched: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [f"groupmoe: patched {len(self.patched)} experts module(s)"]
+        lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
+        return "\n".join(lines)
+
+
+def _is_v5_experts(module: nn.Module) -> bool:
+    fwd = getattr(type(module), "forward", None)
+    return (hasattr(fwd, "__wrapped__") and hasattr(module, "has_gate")
+            and hasattr(module, "num_experts") and hasattr(module, "config"))
+
+
+def _original_forward(module: nn.Module):
+    return type(module).forward.__wrapped__
+
+
+def _raw(module: nn.Module, name: str) -> torch.Tensor | None:
+    """A parameter without peft's parametrization (its ``original``)."""
+    if nn.utils.parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    return getattr(module, name, None)
+
+
+def _activation(module: nn.Module) -> Activation | str:
+    """The module's gated activation as a groupmoe Activation, or why there is none."""
+    if not module.has_gate:
+        return "experts without a gate projection"
+    if getattr(module, "has_post_expert_norm", False):
+        return "post-expert norm"
+    if type(module).__name__ == "GptOssExperts" and not module.is_concatenated:
+        return GptOssGLU(alpha=float(module.alpha), limit=float(module.limit))
+    apply_gate = getattr(type(module), "_apply_gate", None)
+    if not module.is_concatenated or getattr(apply_gate, "__name__", "") != "_default_apply_gate":
+        return f"custom gate activation {type(module).__name__}._apply_gate"
+    probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
+    act_fn = getattr(module, "act_fn", None)
+    try:
+        same = act_fn is not None and torch.allclose(act_fn(probe), F.silu(probe))
+    except Exception:  # an activation that cannot run on a CPU probe is not SiLU
+        same = False
+    return SwiGLU() if same else f"activation {type(act_fn).__name__} is not SiLU"
+
+
+def _static_reason(module: nn.Module) -> str | None:
+    act = _activation(module)
+    if isinstance(act, str):
+        return act
+    if getattr(module, "_is_expert_parallel", False):
+        return "transformers' own expert parallelism"
+    w = _raw(module, "gate_up_proj")
+    if w is None or _raw(module, "down_proj") is None:
+        return "no gate_up_proj/down_proj stacks"
+    if not w.is_floating_point():
+        return f"quantized weights ({w.dtype})"
+    return None
+
+
+def _runtime_reason(module: nn.Module, x: torch.Tensor) -> str | None:
+    w = _raw(module, "gate_up_proj")
+    if not w.is_floating_point() or w.dtype != x.dtype:
+        return f"hidden states {x.dtype} vs expert weights {w.dtype}"
+    if w.device != x.device:
+        return f"hidden states on {x.device}, experts on {w.device}"
+    if x.is_cuda and x.dtype == torch.float32:
+        return "fp32 on CUDA (grouped GEMM kernels are bf16/fp16)"
+    if nn.utils.parametrize.is_parametrized(module) and _peft_wrapper(module) is None:
+        return "parametrized expert weights without a readable peft adapter"
+    return None
+
+
+def _peft_wrapper(module: nn.Module):
+    ref = getattr(module, "_groupmoe_peft_wrapper", None)
+    return ref() if ref is not None else None
+
+
+def _warn_once(module: nn.Module, reason: str) -> None:
+    key = (type(module).__name__, reason)
+    if key not in _warned:
+        _warned.add(key)
+        log.warning("groupmoe: %s runs its original forward: %s", type(module).__name__, reason)
+
+
+def _weights(module: nn.Module, name: str) -> torch.Tensor:
+    """A stack in groupmoe's ``[E, in, out]`` layout (a view: gradients reach the parameter)."""
+    w = _raw(module, name)
+    return w if module.is_transposed else w.transpose(-1, -2)
+
+
+def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    top_k_weights: torch.Tensor) -> torch.Tensor:
+    """``ALL_EXPERTS_FUNCTIONS["groupmoe"]``: the model's experts computation, grouped."""
+    act = getattr(module, "_groupmoe_act", None)
+    reason = None
+    if act is None:  # selected through the config without groupmoe.patch
+        reason = _static_reason(module)
+        act = None if reason else _prepare(module)
+    reason = reason or _runtime_reason(module, hidden_states)
+    if reason is not None:
+        _warn_once(module, reason)
+        return _original_forward(module)(module, hidden_states, top_k_index, top_k_weights)
+    routing = build_routing(top_k_index, module.num_experts)
+    w1, w2 = _weights(module, "gate_up_proj"), _weights(module, "down_proj")
+    b1 = _raw(module, "gate_up_proj_bias") if module.has_bias else None
+    b2 = _raw(module, "down_proj_bias") if module.has_bias else None
+    wrapper = _peft_wrapper(module)
+    if wrapper is not None and nn.utils.parametrize.is_parametrized(module):
+        from ..lora.experts import expert_mlp_lora
+        from ..lora.peft import lora_from_peft_param_wrapper
+
+        lora = lora_from_peft_param_wrapper(wrapper)
+        return expert_mlp_lora(hidden_states, routing, top_k_weights, w1, w2, lora, b1, b2, act)
+    return expert_mlp(hidden_states, routing, top_k_weights, w1, w2, b1, b2, act)
+
+
+def _prepare(module: nn.Module) -> Activation:
+    module._groupmoe_act = _activation(module)
+    return module._groupmoe_act
+
+
+def register() -> None:
+    """Add ``"groupmoe"`` to transformers' experts implementations (idempotent)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if IMPL_NAME not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(IMPL_NAME, experts_forward)
+
+
+def _link_peft_wrappers(model: nn.Module) -> None:
+    from ..lora.peft import unwrap_param_wrappers
+
+    for module in model.modules():  # parents come first: link the outermost wrapper
+        if type(module).__name__ == "ParamWrapper":
+            base, _ = unwrap_param_wrappers(module)
+            if _peft_wrapper(base) is None:
+                base._groupmoe_peft_wrapper = weakref.ref(module)
+
+
+def patch(model: nn.Module) -> PatchReport:
+    """Switch every eligible MoE experts module of ``model`` to groupmoe.
+
+    transformers 5 models switch their experts implementation (the config's
+    ``_experts_implementation``, restored by :func:`unpatch`); transformers 4 ``ModuleList``
+    blocks get their forward replaced. Returns (and logs) a :class:`PatchReport`.
+    """
+    from .modulelist import patch_modulelist_blocks
+
+    report = PatchReport()
+    v5 = [(n, m) for n, m in model.named_modules() if _is_v5_experts(m)]
+    if v5:
+        register()
+        _link_peft_wrappers(model)
+    configs = {}
+    for name, module in v5:
+        reason = _static_reason(module)
+        if reason is not None:
+            report.skipped[name or type(module).__name__] = reason
+            continue
+        _prepare(module)
+        configs[id(module.config)] = module.config
+        report.patched.append(name)
+    for config in configs.values():
+        if not hasattr(config, _PREVIOUS):
+            setattr(config, _PREVIOUS, config._experts_implementation)
+        config._experts_implementation = IMPL_NAME
+    patch_modulelist_blocks(model, report)
+    log.info("%s", report)
+    return report
+
+
+def unpatch(model: nn.Module) -> None:
+    """Undo :func:`patch`: restore the experts implementation and original block forwards."""
+    from .modulelist import unpatch_modulelist_blocks
+
+    for module in model.modules():
+        if _is_v5_experts(module):
+            config = module.config
+            if hasattr(config, _PREVIOUS):
+                config._experts_implementation = getattr(config, _PREVIOUS)
+                delattr(config, _PREVIOUS)
+            for attr in ("_groupmoe_act", "_groupmoe_peft_wrapper"):
+                if attr in module.__dict__:
+                    delattr(module, attr)
+    unpatch_modulelist_blocks(model)
+
+
+@contextlib.contextmanager
+def patched(model: nn.Module):
+    """``with groupmoe.patched(model) as report: ...`` patches inside the block only."""
+    report = patch(model)
+    try:
+        yield report
+    finally:
+        unpatch(model)

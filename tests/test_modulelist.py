@@ -1,0 +1,211 @@
+"""transformers 4.x-style ModuleList MoE blocks (synthetic stand-ins with the 4.x class names
+and per-expert loop), patched to the grouped path; plus a real 4.x install when present."""
+
+import importlib.metadata
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import groupmoe
+from moe_cases import rel_err
+
+
+class _MLP(nn.Module):
+    def __init__(self, h, i, names=("gate_proj", "up_proj", "down_proj")):
+        super().__init__()
+        self.names = names
+        setattr(self, names[0], nn.Linear(h, i, bias=False))
+        setattr(self, names[1], nn.Linear(h, i, bias=False))
+        setattr(self, names[2], nn.Linear(i, h, bias=False))
+        self.act_fn = nn.SiLU()
+
+    def forward(self, x):
+        g, u, d = (getattr(self, n) for n in self.names)
+        return d(self.act_fn(g(x)) * u(x))
+
+
+class _LoopBlock(nn.Module):
+    """The 4.x per-expert loop: softmax fp32 -> top-k -> (renorm) -> cast -> loop."""
+
+    renorm_always = False
+    returns_logits = True
+
+    def __init__(self, h=16, i=8, e=6, k=2, norm=True, jitter=0.0, names=None, shared=0):
+        super().__init__()
+        self.num_experts, self.top_k, self.norm_topk_prob, self.jitter_noise = e, k, norm, jitter
+        self.gate = nn.Linear(h, e, bias=False)
+        kw = {"names": names} if names else {}
+        self.experts = nn.ModuleList(_MLP(h, i, **kw) for _ in range(e))
+        if shared:
+            self.shared_expert = _MLP(h, shared)
+            self.shared_expert_gate = nn.Linear(h, 1, bias=False)
+
+    def forward(self, hidden_states):
+        b, s, h = hidden_states.shape
+        if self.training and self.jitter_noise > 0:
+            hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
+                1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
+        x = hidden_states.view(-1, h)
+        router_logits = self.gate(x)
+        w = F.softmax(router_logits, dim=1, dtype=torch.float)
+        w, sel = torch.topk(w, self.top_k, dim=-1)
+        if self.renorm_always or self.norm_topk_prob:
+            w = w / w.sum(dim=-1, keepdim=True)
+        w = w.to(x.dtype)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(sel == e)
+            if tok.numel():
+                out.index_add_(0, tok, expert(x[tok]) * w[tok, slot, None])
+        if getattr(self, "shared_expert", None) is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        out = out.view(b, s, h)
+        if self.returns_logits:
+            return out, router_logits
+        return out
+
+
+class Qwen3MoeSparseMoeBlock(_LoopBlock):
+    pass
+
+
+class Qwen2MoeSparseMoeBlock(_LoopBlock):
+    pass
+
+
+class MixtralSparseMoeBlock(_LoopBlock):
+    renorm_always = True
+
+    def __init__(self, **kw):
+        super().__init__(names=("w1", "w3", "w2"), **kw)
+
+
+class OlmoeSparseMoeBlock(_LoopBlock):
+    def forward(self, hidden_states):
+        out = super().forward(hidden_states)
+        return out[0]
+
+
+BLOCKS = {
+    "qwen3": lambda: Qwen3MoeSparseMoeBlock(norm=True),
+    "qwen2-shared": lambda: Qwen2MoeSparseMoeBlock(norm=False, shared=12),
+    "mixtral-jitter": lambda: MixtralSparseMoeBlock(jitter=0.1),
+    "olmoe-tensor-return": lambda: OlmoeSparseMoeBlock(norm=False),
+}
+
+
+class Model(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def _run(model, x, seed=3):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # same jitter draw in both runs
+    out = model(x)
+    hidden = out[0] if isinstance(out, tuple) else out
+    loss = hidden.pow(2).sum() + (out[1].sum() if isinstance(out, tuple) else 0)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    return out, x.grad, grads
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_modulelist_block_matches_loop(name):
+    torch.manual_seed(0)
+    model = Model(BLOCKS[name]()).double().train()
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    ref, ref_dx, ref_grads = _run(model, x)
+    report = groupmoe.patch(model)
+    assert report.patched == ["block"], str(report)
+    out, dx, grads = _run(model, x)
+    assert type(out) is type(ref)  # the model's return contract
+    if isinstance(ref, tuple):
+        assert rel_err(out[0], ref[0]) < 1e-12 and torch.equal(out[1], ref[1])
+    else:
+        assert rel_err(out, ref) < 1e-12
+    assert rel_err(dx, ref_dx) < 1e-11
+    for n in ref_grads:
+        assert rel_err(grads[n], ref_grads[n]) < 1e-11, n
+    groupmoe.unpatch(model)
+    assert "forward" not in model.block.__dict__
+    again, _, _ = _run(model, x)
+    assert torch.equal(again[0] if isinstance(again, tuple) else again,
+                       ref[0] if isinstance(ref, tuple) else ref)
+
+
+def test_modulelist_skips_lora_and_falls_back_at_runtime():
+    torch.manual_seed(0)
+    model = Model(Qwen3MoeSparseMoeBlock())
+    model.block.experts[3].up_proj.lora_A = nn.Linear(16, 2)  # what peft leaves behind
+    report = groupmoe.patch(model)
+    assert "LoRA" in report.skipped["block"] and not report.patched
+    del model.block.experts[3].up_proj.lora_A
+    assert groupmoe.patch(model).patched == ["block"]
+    x = torch.randn(2, 5, 16)
+    ref = model.block.__dict__["_groupmoe_original_forward"](x)[0]
+    model.block.experts[5].down_proj.base_layer = nn.Identity()  # adapter attached later
+    assert torch.equal(model(x)[0], ref)  # ran the original loop, unchanged numerics
+
+
+def test_weight_stacks_are_rebuilt_not_kept(monkeypatch):
+    """The per-call weight stacks are made again in backward instead of living on the tape,
+    and gradients still reach every expert's own Linear."""
+    from groupmoe.integrations import modulelist
+
+    calls = {"gate_up": 0, "down": 0}
+    orig = modulelist._stacks
+
+    def counting(block):
+        makers = orig(block)
+
+        def wrap(name, make):
+            def made():
+                calls[name] += 1
+                return make()
+            return made
+
+        return wrap("gate_up", makers[0]), wrap("down", makers[1])
+
+    monkeypatch.setattr(modulelist, "_stacks", counting)
+    torch.manual_seed(0)
+    model = Model(Qwen3MoeSparseMoeBlock(h=16, i=8, e=6))
+    groupmoe.patch(model)
+    out = model(torch.randn(2, 5, 16))[0]
+    assert calls == {"gate_up": 1, "down": 1}
+    out.sum().backward()
+    assert calls["gate_up"] >= 2 and calls["down"] >= 2
+    assert all(e.gate_proj.weight.grad is not None and e.down_proj.weight.grad is not None
+               for e in model.block.experts)
+
+
+def _transformers_major():
+    try:
+        return int(importlib.metadata.version("transformers").split(".")[0])
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+@pytest.mark.transformers4
+@pytest.mark.skipif(_transformers_major() != 4, reason="needs a transformers 4.x install")
+def test_real_transformers4_qwen3_moe():
+    import transformers as t
+
+    cfg = t.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                           moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                           head_dim=8)
+    model = t.Qwen3MoeForCausalLM(cfg)
+    ids = torch.randint(0, 64, (2, 9))
+    ref = model(ids, labels=ids)
+    report = groupmoe.patch(model)
+    assert len(report.patched) == 2
+    out = model(ids, labels=ids)
+    assert rel_err(out.logits, ref.logits) < 1e-5
