@@ -246,3 +246,34 @@ def test_bf16_relative_norm_error():
     assert rel_err(out, ref) < 1e-2
     for name in ref_grads:
         assert rel_err(grads[name], ref_grads[name]) < 2e-2, name
+
+
+@pytest.mark.parametrize("save", ["h", "none"])
+def test_input_and_weight_grad_options(save):
+    case = make_case(24, 16, 8, 4, 2, torch.float64, bias=True, signed_gates=True,
+                     zero_gate=True)
+    ref, ref_grads, up = run(case, "loop")
+    routing = build_routing(case.ids, 4)
+    for leaf in case.leaves():
+        leaf.grad = None
+    out = expert_mlp(case.x, routing, case.gates, case.w1, case.w2, case.b1, case.b2,
+                     save=save, input_grad=False, weight_grad=False)
+    out.backward(up)
+    assert rel_err(out, ref) < 1e-12
+    assert case.x.grad is None and all(w.grad is None for w in (case.w1, case.w2, case.b1,
+                                                                  case.b2))
+    assert rel_err(case.gates.grad, ref_grads["gates"]) < 1e-11
+    case.gates.grad = None
+    out = expert_mlp(case.x, routing, case.gates, case.w1, case.w2, case.b1, case.b2,
+                     save=save, weight_grad=False)
+    out.backward(up)
+    assert rel_err(case.x.grad, ref_grads["x"]) < 1e-11 and case.w1.grad is None
+
+
+def test_save_default_from_environment(monkeypatch):
+    from groupmoe.ops import experts
+
+    monkeypatch.setattr(experts, "DEFAULT_SAVE", "bogus")
+    case = make_case(4, 8, 4, 2, 1, torch.float64)
+    with pytest.raises(ValueError, match="GROUPMOE_SAVE"):
+        expert_mlp(case.x, build_routing(case.ids, 2), case.gates, case.w1, case.w2)

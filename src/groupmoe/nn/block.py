@@ -40,7 +40,8 @@ class MoEBlock(nn.Module):
                  router: RouterKind = "softmax_topk", normalize: bool = True,
                  router_bias: bool = False, jitter: float = 0.0, activation: str = "swiglu",
                  expert_bias: bool = False, shared_intermediate_size: int | None = None,
-                 impl: Impl = "groupmoe", save: SaveMode = "h", device=None, dtype=None):
+                 impl: Impl = "groupmoe", save: SaveMode | None = None, device=None,
+                 dtype=None):
         super().__init__()
         f = {"device": device, "dtype": dtype}
         self.router = TopKRouter(hidden_size, num_experts, top_k, router, normalize,

@@ -27,12 +27,13 @@ class GroupedExperts(nn.Module):
         bias: per-expert biases on both projections (gpt-oss).
         impl: ``"groupmoe"`` (fused, memory-lean), ``"naive"`` (grouped GEMMs under plain
             autograd) or ``"loop"`` (the per-expert reference).
-        save: what the groupmoe path keeps for backward, ``"h"`` or ``"none"``.
+        save: what the groupmoe path keeps for backward, ``"h"`` or ``"none"`` (default
+            ``GROUPMOE_SAVE`` or ``"h"``).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  activation: str = "swiglu", bias: bool = False, impl: Impl = "groupmoe",
-                 save: SaveMode = "h", device=None, dtype=None):
+                 save: SaveMode | None = None, device=None, dtype=None):
         super().__init__()
         check(impl in IMPLS, f"GroupedExperts: impl must be one of {IMPLS}, got {impl!r}")
         factory = {"device": device, "dtype": dtype}

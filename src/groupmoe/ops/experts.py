@@ -9,6 +9,7 @@ scales the activation before the down projection, ``a' = g * a``, and the down b
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
 import torch
@@ -22,6 +23,8 @@ from .grouped_linear import grouped_linear
 from .routing import Routing, combine
 
 SaveMode = Literal["h", "none"]
+SAVE_MODES = ("h", "none")
+DEFAULT_SAVE = os.environ.get("GROUPMOE_SAVE", "h")
 
 
 def check_expert_args(
@@ -89,8 +92,13 @@ def bias_prob_grads(
     """Gradients of ``prob[i] * bias[expert(i)]`` (seed 002), ``dbias [E, H]`` and ``dprob [N]``
     in fp32 (fp64 for fp64 inputs).
 
-    ``dbias_e = sum_{i in e} prob_i dy_i`` and ``dprob_i = <dy_i, bias_e>``.
+    ``dbias_e = sum_{i in e} prob_i dy_i`` and ``dprob_i = <dy_i, bias_e>``; a fused Triton
+    kernel on CUDA, this torch formula elsewhere.
     """
+    if use_triton(dy):
+        from ..kernels.bias_prob import bias_prob_grads as kernel
+
+        return kernel(dy, prob, bias, routing.offsets, routing.expert_index)
     dyf = to_accum(dy)
     dbias = segment_sum(dyf * prob.to(dyf.dtype).unsqueeze(1), routing.expert_index,
                         routing.num_experts)
@@ -115,7 +123,7 @@ class ExpertMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate_weights, w1, w2, b1, b2, routing: Routing, act: Activation,
-                save: SaveMode):
+                save: SaveMode, input_grad: bool, weight_grad: bool):
         g = gate_weights.reshape(-1).index_select(0, routing.order)
         xs = x.index_select(0, routing.token_index)
         h = _gate_up(xs, w1, b1, routing)
@@ -125,7 +133,8 @@ class ExpertMLPFunction(torch.autograd.Function):
         if b2 is not None:
             y += g.to(y.dtype).unsqueeze(1) * b2.index_select(0, routing.expert_index)
         out = gather_sum(y, routing, x.dtype)
-        ctx.routing, ctx.act, ctx.save = routing, act, save
+        ctx.routing, ctx.act = routing, act
+        ctx.input_grad, ctx.weight_grad = input_grad, weight_grad
         ctx.gate_dtype = gate_weights.dtype
         ctx.save_for_backward(x, g, w1, w2, b1, b2)
         # h is an intermediate, not an input or output: held on ctx (not save_for_backward)
@@ -139,6 +148,9 @@ class ExpertMLPFunction(torch.autograd.Function):
         h, ctx.h = ctx.h, None
         routing, act = ctx.routing, ctx.act
         need_x, need_g, need_w1, need_w2, need_b1, need_b2 = ctx.needs_input_grad[:6]
+        need_x = need_x and ctx.input_grad
+        need_w1, need_w2, need_b1, need_b2 = (
+            n and ctx.weight_grad for n in (need_w1, need_w2, need_b1, need_b2))
         offs = routing.offsets
         dy = dout.contiguous().index_select(0, routing.token_index)
         xs = None
@@ -172,7 +184,7 @@ class ExpertMLPFunction(torch.autograd.Function):
         if need_g:
             dgate = torch.empty_like(dg).index_copy_(0, routing.order, dg)
             dgate = dgate.view(routing.num_tokens, routing.top_k).to(ctx.gate_dtype)
-        return dx, dgate, dw1, dw2, db1, db2, None, None, None
+        return dx, dgate, dw1, dw2, db1, db2, None, None, None, None, None
 
 
 def expert_mlp(
@@ -184,7 +196,9 @@ def expert_mlp(
     b_gate_up: torch.Tensor | None = None,
     b_down: torch.Tensor | None = None,
     activation: str | Activation = "swiglu",
-    save: SaveMode = "h",
+    save: SaveMode | None = None,
+    input_grad: bool = True,
+    weight_grad: bool = True,
 ) -> torch.Tensor:
     """Routed expert MLP of ``x [T, H]``, summed over each token's ``top_k`` experts.
 
@@ -196,15 +210,22 @@ def expert_mlp(
         activation: ``"swiglu"`` (gate half first), ``"gptoss"`` (interleaved, clamped), or an
             :class:`Activation`.
         save: ``"h"`` keeps the gate_up output for backward; ``"none"`` recomputes it (one
-            extra grouped GEMM in backward, least memory).
+            extra grouped GEMM in backward, least memory). Default: ``GROUPMOE_SAVE`` or
+            ``"h"``.
+        input_grad: ``False`` skips ``dx`` even if ``x`` requires grad (e.g. the first layer).
+        weight_grad: ``False`` skips the expert weight and bias gradients even if they require
+            grad (frozen experts that were not marked ``requires_grad=False``).
+        Tensors that do not require grad never get one, whatever these say.
     Returns:
         ``[T, H]`` in ``x``'s dtype, accumulated over the k slots in fp32.
     """
-    check(save in ("h", "none"), f"expert_mlp: save must be 'h' or 'none', got {save!r}")
+    save = DEFAULT_SAVE if save is None else save
+    check(save in SAVE_MODES, f"expert_mlp: save must be 'h' or 'none' (argument or "
+          f"GROUPMOE_SAVE), got {save!r}")
     check_expert_args(x, routing, gate_weights, w_gate_up, w_down, b_gate_up, b_down)
     act = get_activation(activation)
     return ExpertMLPFunction.apply(x, gate_weights, w_gate_up, w_down, b_gate_up, b_down,
-                                   routing, act, save)
+                                   routing, act, save, input_grad, weight_grad)
 
 
 def expert_mlp_naive(

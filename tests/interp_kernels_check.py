@@ -1,5 +1,5 @@
-"""Run by test_kernels_activation.py in a subprocess with TRITON_INTERPRET=1 and
-GROUPMOE_BACKEND=triton: the fused activation kernels against the torch path and the oracle."""
+"""Run by test_kernels.py in a subprocess with TRITON_INTERPRET=1 and
+GROUPMOE_BACKEND=triton: the Triton kernels against the torch path and the oracle."""
 
 import torch
 
@@ -47,4 +47,17 @@ for t, k, h in ((13, 3, 20), (1, 1, 5), (40, 2, 300)):
     rows = torch.randn(t * k, h)
     backend.set_backend("triton")
     assert rel_err(gather_sum(rows, r, torch.float32), combine(rows, r)) < 1e-6
+from groupmoe.ops import bias_prob_grads  # noqa: E402
+
+for t, k, e, h in ((13, 2, 5, 13), (30, 3, 8, 100), (1, 1, 4, 7)):
+    ids = torch.stack([torch.randperm(e // 2 + 1)[:k] for _ in range(t)])  # empty experts
+    r = build_routing(ids, e)
+    dy, prob, bias = torch.randn(t * k, h), torch.randn(t * k), torch.randn(e, h)
+    backend.set_backend("triton")
+    db, dp = bias_prob_grads(dy, prob, bias, r)
+    backend.set_backend("torch")
+    rdb, rdp = bias_prob_grads(dy, prob, bias, r)
+    assert db.dtype == dp.dtype == torch.float32
+    assert rel_err(db, rdb) < 1e-6 and rel_err(dp, rdp) < 1e-6
+    assert torch.count_nonzero(db[e // 2 + 1:]) == 0
 print("interp-ok")

@@ -1,0 +1,70 @@
+"""Gradients of the gate-scaled down bias ``prob[i] * bias[expert(i)]`` (seed 002), fp32 out:
+
+* ``dbias[e] = sum_{i in e} prob_i dy_i``: one program per (expert, column block) walking the
+  expert's rows (rows are expert-sorted), so no atomics and a deterministic order;
+* ``dprob[i] = <dy_i, bias[expert(i)]>``: one program per row block walking the columns.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dbias_kernel(dy_ptr, prob_ptr, offs_ptr, out_ptr, H, stride_dy,
+                  BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    e = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
+    end = tl.load(offs_ptr + e)
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for r0 in range(start, end, BLOCK_M):
+        rows = r0 + tl.arange(0, BLOCK_M)
+        mrow = rows < end
+        p = tl.load(prob_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_dy + cols[None, :],
+                     mask=mrow[:, None] & (cols[None, :] < H), other=0.0).to(tl.float32)
+        acc += tl.sum(dy * p[:, None], axis=0)
+    tl.store(out_ptr + e * H + cols, acc, mask=cols < H)
+
+
+@triton.jit
+def _dprob_kernel(dy_ptr, bias_ptr, eidx_ptr, out_ptr, M, H, stride_dy, stride_b,
+                  BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mrow = rows < M
+    e = tl.load(eidx_ptr + rows, mask=mrow, other=0).to(tl.int64)
+    acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for c0 in range(0, H, BLOCK_H):
+        cols = c0 + tl.arange(0, BLOCK_H)
+        m = mrow[:, None] & (cols[None, :] < H)
+        dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_dy + cols[None, :], mask=m,
+                     other=0.0).to(tl.float32)
+        b = tl.load(bias_ptr + e[:, None] * stride_b + cols[None, :], mask=m,
+                    other=0.0).to(tl.float32)
+        acc += tl.sum(dy * b, axis=1)
+    tl.store(out_ptr + rows, acc, mask=mrow)
+
+
+def bias_prob_grads(dy: torch.Tensor, prob: torch.Tensor, bias: torch.Tensor,
+                    offsets: torch.Tensor, expert_index: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dbias [E, H] fp32, dprob [M] fp32)`` from expert-sorted ``dy [M, H]``."""
+    dy = dy if dy.stride(-1) == 1 else dy.contiguous()
+    bias = bias if bias.stride(-1) == 1 else bias.contiguous()
+    m, h = dy.shape
+    e = bias.shape[0]
+    dbias = torch.empty(e, h, dtype=torch.float32, device=dy.device)
+    dprob = torch.empty(m, dtype=torch.float32, device=dy.device)
+    if h == 0:
+        return dbias.zero_(), dprob.zero_()
+    block_h = min(128, triton.next_power_of_2(h))
+    _dbias_kernel[(e, triton.cdiv(h, block_h))](dy, prob.contiguous(), offsets, dbias, h,
+                                                dy.stride(0), BLOCK_M=32, BLOCK_H=block_h)
+    if m:
+        _dprob_kernel[(triton.cdiv(m, 32),)](dy, bias, expert_index, dprob, m, h,
+                                             dy.stride(0), bias.stride(0), BLOCK_M=32,
+                                             BLOCK_H=block_h)
+    return dbias, dprob
