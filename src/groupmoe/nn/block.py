@@ -9,6 +9,7 @@ from torch import nn
 from ..ops.checks import check
 from ..ops.experts import SaveMode
 from ..ops.router import RouterKind
+from ..parallel.wgrad_store import linear
 from .experts import GroupedExperts, Impl
 from .router import TopKRouter
 
@@ -25,8 +26,11 @@ class SharedExpert(nn.Module):
         self.gate = nn.Linear(hidden_size, 1, **f)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        return torch.sigmoid(self.gate(x)) * y
+        def lin(m, t):  # weight gradients deferrable by the WeightGradStore
+            return linear(t, m.weight, m.bias)
+
+        y = lin(self.down_proj, F.silu(lin(self.gate_proj, x)) * lin(self.up_proj, x))
+        return torch.sigmoid(lin(self.gate, x)) * y
 
 
 class MoEBlock(nn.Module):

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..ops.checks import check
 from ..ops.router import RouterKind, route
+from ..parallel.wgrad_store import linear
 
 
 class TopKRouter(nn.Module):
@@ -35,6 +36,6 @@ class TopKRouter(nn.Module):
         """Returns ``(x_for_experts, logits [T, E], weights [T, k], expert ids [T, k])``."""
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        logits = self.gate(x)
+        logits = linear(x, self.gate.weight, self.gate.bias)  # dW deferrable
         weights, ids = route(logits, self.top_k, self.kind, self.normalize)
         return x, logits, weights, ids

@@ -14,6 +14,7 @@ from typing import Literal
 
 import torch
 
+from ..parallel.wgrad_store import weight_grad
 from .activations import Activation, get_activation, scaled_backward, scaled_forward
 from .backend import use_triton
 from .checks import check, check_same_device, check_same_dtype
@@ -160,7 +161,8 @@ class ExpertMLPFunction(torch.autograd.Function):
         da_scaled = grouped_mm(dy, w2.transpose(-1, -2), offs)
         dh, a_scaled, dg = scaled_backward(act, h, g, da_scaled, need_w2, need_g)
         del da_scaled, h
-        dw2 = grouped_mm_wgrad(a_scaled, dy, offs).to(w2.dtype) if need_w2 else None
+        dw2 = weight_grad(w2, lambda a=a_scaled, d=dy: grouped_mm_wgrad(a, d, offs).to(
+            w2.dtype)) if need_w2 else None
         del a_scaled
         db2 = None
         if b2 is not None and (need_g or need_b2):
@@ -171,7 +173,7 @@ class ExpertMLPFunction(torch.autograd.Function):
         dw1 = None
         if need_w1:
             xs = x.index_select(0, routing.token_index) if xs is None else xs
-            dw1 = grouped_mm_wgrad(xs, dh, offs).to(w1.dtype)
+            dw1 = weight_grad(w1, lambda a=xs, d=dh: grouped_mm_wgrad(a, d, offs).to(w1.dtype))
         del xs
         db1 = segment_sum(dh, routing.expert_index, routing.num_experts).to(b1.dtype) \
             if need_b1 else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..parallel.wgrad_store import weight_grad
 from .checks import check
 from .grouped_gemm import grouped_mm, grouped_mm_wgrad, segment_sum
 
@@ -25,7 +26,8 @@ class GroupedLinearFunction(torch.autograd.Function):
         x, w, offs = ctx.saved_tensors
         dy = dy.contiguous()
         dx = grouped_mm(dy, w.transpose(-1, -2), offs) if ctx.needs_input_grad[0] else None
-        dw = grouped_mm_wgrad(x, dy, offs).to(w.dtype) if ctx.needs_input_grad[1] else None
+        dw = weight_grad(w, lambda: grouped_mm_wgrad(x, dy, offs).to(w.dtype)) \
+            if ctx.needs_input_grad[1] else None
         return dx, dw, None
 
 
