@@ -53,3 +53,11 @@ def test_bench_recompute_impl_runs():
     rows = bench_layer([SMOKE_SHAPE], 16, modes=("train",), impls=("groupmoe", *IMPLS[3:4]),
                        repeat=1, device="cpu", log=lambda s: None)
     assert [r.impl for r in rows] == ["groupmoe", "groupmoe-recompute"]
+
+
+def test_wgrad_split_bench_smoke(tmp_path):
+    out = tmp_path / "w.json"
+    subprocess.run([sys.executable, "-m", "groupmoe.bench.wgrad_split", "--smoke", "--repeat",
+                    "1", "--out", str(out)], check=True, capture_output=True)
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["dx_ms"] > 0 and row["dw_ms"] > 0 and row["full_bwd_ms"] > 0

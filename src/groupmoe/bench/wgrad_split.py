@@ -1,0 +1,87 @@
+"""Backward split for zero-bubble schedules: time of the dX half (weight gradients deferred to
+the WeightGradStore) and of the deferred dW half, against the full backward, per shape.
+
+``python -m groupmoe.bench.wgrad_split --out wgrad.json`` (``--smoke`` on CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from ..ops import build_routing, expert_mlp
+from ..parallel import WEIGHT_GRAD_STORE
+from .layer import LayerProblem, environment
+from .shapes import SHAPES, SMOKE_SHAPE
+
+
+def _timer(device):
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        return lambda: (end.record(), end.synchronize(), start.elapsed_time(end))[-1]
+    t0 = time.perf_counter()
+    return lambda: (time.perf_counter() - t0) * 1e3
+
+
+def split_times(prob: LayerProblem, repeat: int) -> dict[str, float]:
+    """Median ms of full backward, dX-only backward and the popped dW work."""
+    full, dx, dw = [], [], []
+    for it in range(repeat + 2):
+        x, ids, gates, dout, _ = prob.inputs[it % len(prob.inputs)]
+        for split in (False, True):
+            prob.clear_grads()
+            w = prob
+            out = expert_mlp(x, build_routing(ids, prob.shape.experts), gates, w.w1, w.w2, w.b1,
+                             w.b2, w.act)
+            if prob.device.type == "cuda":
+                torch.cuda.synchronize()
+            if split:
+                WEIGHT_GRAD_STORE.enable()
+            stop = _timer(prob.device)
+            out.backward(dout)
+            t_bwd = stop()
+            if split:
+                WEIGHT_GRAD_STORE.flush()
+                WEIGHT_GRAD_STORE.disable()
+                stop = _timer(prob.device)
+                WEIGHT_GRAD_STORE.pop()
+                t_w = stop()
+            if it >= 2:  # warm-up
+                (dx if split else full).append(t_bwd)
+                if split:
+                    dw.append(t_w)
+    return {"full_bwd_ms": statistics.median(full), "dx_ms": statistics.median(dx),
+            "dw_ms": statistics.median(dw)}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--repeat", type=int, default=10)
+    p.add_argument("--out", default=None)
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shapes = [SMOKE_SHAPE] if args.smoke else list(SHAPES.values())
+    tokens = 64 if args.smoke else args.tokens
+    rows = []
+    print("| shape | full backward ms | dX half ms | dW half ms | dW / full |\n|---|---|---|---|---|")
+    for shape in shapes:
+        prob = LayerProblem(shape, tokens, "train", device, torch.bfloat16)
+        r = {"shape": shape.name, "tokens": tokens, **split_times(prob, args.repeat)}
+        rows.append(r)
+        print(f"| {shape.name} | {r['full_bwd_ms']:.2f} | {r['dx_ms']:.2f} | {r['dw_ms']:.2f} | "
+              f"{r['dw_ms'] / r['full_bwd_ms']:.0%} |")
+        del prob
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"env": environment(device), "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
