@@ -35,9 +35,8 @@ def split_times(prob: LayerProblem, repeat: int) -> dict[str, float]:
         x, ids, gates, dout, _ = prob.inputs[it % len(prob.inputs)]
         for split in (False, True):
             prob.clear_grads()
-            w = prob
-            out = expert_mlp(x, build_routing(ids, prob.shape.experts), gates, w.w1, w.w2, w.b1,
-                             w.b2, w.act)
+            out = expert_mlp(x, build_routing(ids, prob.shape.experts), gates, prob.w1, prob.w2,
+                             prob.b1, prob.b2, prob.act)
             if prob.device.type == "cuda":
                 torch.cuda.synchronize()
             if split:
@@ -70,7 +69,8 @@ def main(argv=None) -> None:
     shapes = [SMOKE_SHAPE] if args.smoke else list(SHAPES.values())
     tokens = 64 if args.smoke else args.tokens
     rows = []
-    print("| shape | full backward ms | dX half ms | dW half ms | dW / full |\n|---|---|---|---|---|")
+    print("| shape | full backward ms | dX half ms | dW half ms | dW / full |")
+    print("|---|---|---|---|---|")
     for shape in shapes:
         prob = LayerProblem(shape, tokens, "train", device, torch.bfloat16)
         r = {"shape": shape.name, "tokens": tokens, **split_times(prob, args.repeat)}
