@@ -61,3 +61,14 @@ def test_wgrad_split_bench_smoke(tmp_path):
                     "1", "--out", str(out)], check=True, capture_output=True)
     row = json.loads(out.read_text())["rows"][0]
     assert row["dx_ms"] > 0 and row["dw_ms"] > 0 and row["full_bwd_ms"] > 0
+
+
+def test_hf_e2e_bench_smoke(tmp_path):
+    import pytest
+
+    pytest.importorskip("transformers")
+    out = tmp_path / "hf.json"
+    subprocess.run([sys.executable, "-m", "groupmoe.bench.hf_e2e", "--smoke", "--models",
+                    "qwen3-30b-a3b", "--out", str(out)], check=True, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["impl"] for r in rows] == ["eager", "grouped_mm", "batched_mm", "groupmoe"]

@@ -1,0 +1,136 @@
+"""End-to-end: a stack of real-sized transformers decoder layers (random weights, real configs
+of Qwen3-30B-A3B, gpt-oss-20b and Mixtral-8x7B, few layers), training step tokens/s and peak
+memory per experts implementation: transformers' built-ins and groupmoe.
+
+``python -m groupmoe.bench.hf_e2e --out hf.json`` (``--smoke`` for tiny CPU configs).
+The step is forward + backward of the decoder layers on ``inputs_embeds`` (embedding and LM
+head left out: they do not depend on the experts implementation).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+
+import torch
+
+from .layer import environment
+from .timing import median_ms, peak_extra_bytes
+
+REAL = {
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", "Qwen3MoeModel", dict(
+        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, vocab_size=1024)),
+    "gpt-oss-20b": ("GptOssConfig", "GptOssModel", dict(
+        hidden_size=2880, intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128,
+        vocab_size=1024)),
+    "mixtral-8x7b": ("MixtralConfig", "MixtralModel", dict(
+        hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=1024)),
+}
+SMOKE = {k: (c, m, dict(kw, hidden_size=64, intermediate_size=32, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16,
+                        **({"moe_intermediate_size": 16} if "moe_intermediate_size" in kw
+                           else {})))
+         for k, (c, m, kw) in REAL.items()}
+IMPLS = ("eager", "grouped_mm", "batched_mm", "groupmoe")
+
+
+def build(name: str, layers: int, smoke: bool, device, dtype):
+    import transformers
+
+    cfg_name, model_name, kw = (SMOKE if smoke else REAL)[name]
+    cfg = getattr(transformers, cfg_name)(num_hidden_layers=layers, **kw)
+    if "GptOss" in cfg_name:
+        cfg.layer_types = ["sliding_attention", "full_attention"] * (layers // 2) + \
+            ["sliding_attention"] * (layers % 2)
+    cfg._experts_implementation = "eager"
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = getattr(transformers, model_name)(cfg).to(dtype)
+    model.train()
+    return model
+
+
+def bench_model(name, layers, batch, seq, smoke, device, dtype, repeat, log=print):
+    import groupmoe
+
+    model = build(name, layers, smoke, device, dtype)
+    h = model.config.hidden_size
+    g = torch.Generator(device=device).manual_seed(1)
+    embeds = [torch.randn(batch, seq, h, device=device, dtype=dtype, generator=g)
+              .requires_grad_(True) for _ in range(2)]
+    rows = []
+    for impl in IMPLS:
+        if impl == "groupmoe":
+            groupmoe.patch(model)
+        else:
+            model.config._experts_implementation = impl
+
+        def step(it, model=model):
+            model.zero_grad(set_to_none=True)
+            out = model(inputs_embeds=embeds[it % 2]).last_hidden_state
+            out.float().pow(2).mean().backward()
+
+        try:
+            ms = median_ms(step, device, warmup=2, repeat=repeat)
+            model.zero_grad(set_to_none=True)
+            peak = peak_extra_bytes(lambda: step(0), device)
+            row = {"model": name, "impl": impl, "layers": layers, "tokens": batch * seq,
+                   "ms": ms, "tokens_per_s": batch * seq / ms * 1e3,
+                   "peak_extra_mib": None if peak is None else peak / 2 ** 20}
+        except torch.OutOfMemoryError:
+            row = {"model": name, "impl": impl, "layers": layers, "tokens": batch * seq,
+                   "ms": None, "tokens_per_s": None, "peak_extra_mib": None, "oom": True}
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        rows.append(row)
+        log(row)
+    groupmoe.unpatch(model)
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--models", nargs="+", default=list(REAL), choices=list(REAL))
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--out", default=None)
+    p.add_argument("--smoke", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)  # show any fallback to a model's own forward
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.smoke:
+        args.batch, args.seq, args.repeat = 1, 16, 1
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    rows = []
+    for name in args.models:
+        rows += bench_model(name, args.layers, args.batch, args.seq, args.smoke, device, dtype,
+                            args.repeat)
+    print("| model | impl | ms/step | tokens/s | peak extra MiB | vs best built-in |")
+    print("|---|---|---|---|---|---|")
+    for name in args.models:
+        mine = [r for r in rows if r["model"] == name]
+        built_in = [r["ms"] for r in mine if r["impl"] != "groupmoe" and r["ms"]]
+        best = min(built_in) if built_in else None
+        for r in mine:
+            if r["ms"] is None:
+                print(f"| {name} | {r['impl']} | OOM | - | - | - |")
+                continue
+            peak = "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.0f}"
+            rel = f"{best / r['ms']:.2f}x" if best else "-"
+            print(f"| {name} | {r['impl']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | {peak} | "
+                  f"{rel} |")
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"env": environment(device), "rows": rows}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
