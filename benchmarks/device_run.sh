@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# One device call: GPU tests and the benchmarks, results under $OUT. Stages: tests layer
+# layer32k wgrad hf qlora profile (default: all). Run from the repository root.
+set -uo pipefail
+export PYTHONPATH=$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-bench_out}; mkdir -p "$OUT"
+stages=${*:-tests layer layer32k wgrad hf qlora profile}
+if [ -d .whl ]; then  # carried wheels (bitsandbytes) for the QLoRA baseline
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+for s in $stages; do
+  echo "=== $s"
+  case $s in
+    tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -15 ;;
+    layer) python3 -m groupmoe bench --tokens 8192 \
+             --impls loop naive groupmoe groupmoe-recompute dense --out "$OUT/layer_8192.json" \
+             | grep '^|' ;;
+    layer32k) python3 -m groupmoe bench --tokens 32768 --modes train --repeat 10 \
+             --impls naive groupmoe groupmoe-recompute dense --out "$OUT/layer_32768.json" \
+             | grep '^|' ;;
+    wgrad) python3 -m groupmoe.bench.wgrad_split --out "$OUT/wgrad_split.json" ;;
+    hf) python3 -m groupmoe.bench.hf_e2e --out "$OUT/hf_e2e.json" 2>&1 | grep -v "^{" ;;
+    qlora) python3 -m groupmoe.bench.qlora --out "$OUT/qlora.json" 2>&1 | tail -12 ;;
+    profile) python3 -m groupmoe.bench.profile --shape qwen3-30b-a3b --rows 14 2>&1 \
+               | cut -c1-60,100-170 | tail -20 ;;
+  esac
+done
