@@ -154,10 +154,8 @@ class ExpertMLPFunction(torch.autograd.Function):
             n and ctx.weight_grad for n in (need_w1, need_w2, need_b1, need_b2))
         offs = routing.offsets
         dy = dout.contiguous().index_select(0, routing.token_index)
-        xs = None
-        if h is None:
-            xs = x.index_select(0, routing.token_index)
-            h = _gate_up(xs, w1, b1, routing)
+        if h is None:  # save="none": rebuild h; the permuted x is gathered again for dW1
+            h = _gate_up(x.index_select(0, routing.token_index), w1, b1, routing)
         da_scaled = grouped_mm(dy, w2.transpose(-1, -2), offs)
         dh, a_scaled, dg = scaled_backward(act, h, g, da_scaled, need_w2, need_g)
         del da_scaled, h
@@ -172,9 +170,9 @@ class ExpertMLPFunction(torch.autograd.Function):
         del dy
         dw1 = None
         if need_w1:
-            xs = x.index_select(0, routing.token_index) if xs is None else xs
+            xs = x.index_select(0, routing.token_index)
             dw1 = weight_grad(w1, lambda a=xs, d=dh: grouped_mm_wgrad(a, d, offs).to(w1.dtype))
-        del xs
+            del xs
         db1 = segment_sum(dh, routing.expert_index, routing.num_experts).to(b1.dtype) \
             if need_b1 else None
         dx = None
