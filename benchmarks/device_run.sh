@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One device call: GPU tests and the benchmarks, results under $OUT. Stages: tests layer
-# layer32k wgrad hf qlora profile (default: all). Run from the repository root.
+# layer32k memory wgrad hf qlora profile (default: all). Run from the repository root.
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
-stages=${*:-tests layer layer32k wgrad hf qlora profile}
+stages=${*:-tests layer layer32k memory wgrad hf qlora profile}
 if [ -d .whl ]; then  # carried wheels (bitsandbytes) for the QLoRA baseline
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
@@ -21,6 +21,7 @@ for s in $stages; do
     layer32k) python3 -m groupmoe bench --tokens 32768 --modes train --repeat 10 \
              --impls naive groupmoe groupmoe-recompute dense --out "$OUT/layer_32768.json" \
              | grep '^|' ;;
+    memory) python3 -m groupmoe.bench.memory --out "$OUT/memory.json" | grep -v '^  ' ;;
     wgrad) python3 -m groupmoe.bench.wgrad_split --out "$OUT/wgrad_split.json" ;;
     hf) python3 -m groupmoe.bench.hf_e2e --out "$OUT/hf_e2e.json" 2>&1 | grep -v "^{" ;;
     qlora) python3 -m groupmoe.bench.qlora --out "$OUT/qlora.json" 2>&1 | tail -12 ;;

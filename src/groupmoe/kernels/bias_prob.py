@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.checks import check, check_same_device
+
 
 @triton.jit
 def _dbias_kernel(dy_ptr, prob_ptr, offs_ptr, out_ptr, H, stride_dy,
@@ -51,18 +53,41 @@ def _dprob_kernel(dy_ptr, bias_ptr, eidx_ptr, out_ptr, M, H, stride_dy, stride_b
 def bias_prob_grads(dy: torch.Tensor, prob: torch.Tensor, bias: torch.Tensor,
                     offsets: torch.Tensor, expert_index: torch.Tensor
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dbias [E, H] fp32, dprob [M] fp32)`` from expert-sorted ``dy [M, H]``."""
+    """``(dbias [E, H] fp32, dprob [M] fp32)`` from expert-sorted ``dy [M, H]``.
+
+    ``offsets [E]`` are the groups' cumulative row ends (int32 or int64) and
+    ``expert_index [M]`` each row's expert; any strides, fresh fp32 outputs (nothing is
+    accumulated into caller memory, so no output dtype can be wrong).
+    """
+    where = "bias_prob_grads"
+    check(dy.dim() == 2, f"{where}: dy must be [rows, hidden], got {tuple(dy.shape)}")
+    m, h = dy.shape
+    check(bias.dim() == 2 and bias.shape[1] == h,
+          f"{where}: bias must be [experts, {h}], got {tuple(bias.shape)}")
+    e = bias.shape[0]
+    check(prob.shape == (m,), f"{where}: prob must be [{m}], got {tuple(prob.shape)}")
+    check(offsets.shape == (e,), f"{where}: offsets must be [{e}], got {tuple(offsets.shape)}")
+    check(expert_index.shape == (m,),
+          f"{where}: expert_index must be [{m}], got {tuple(expert_index.shape)}")
+    for name, t in (("offsets", offsets), ("expert_index", expert_index)):
+        check(t.dtype in (torch.int32, torch.int64),
+              f"{where}: {name} must be int32 or int64, got {t.dtype}")
+    check(all(t.is_floating_point() for t in (dy, prob, bias)),
+          f"{where}: dy, prob and bias must be floating point")
+    check_same_device(where, dy=dy, prob=prob, bias=bias, offsets=offsets,
+                      expert_index=expert_index)
+    # Row strides are kernel arguments; the other dims must be unit-stride.
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     bias = bias if bias.stride(-1) == 1 else bias.contiguous()
-    m, h = dy.shape
-    e = bias.shape[0]
+    prob, offsets, expert_index = (t.contiguous() for t in (prob, offsets, expert_index))
     dbias = torch.empty(e, h, dtype=torch.float32, device=dy.device)
     dprob = torch.empty(m, dtype=torch.float32, device=dy.device)
     if h == 0:
         return dbias.zero_(), dprob.zero_()
     block_h = min(128, triton.next_power_of_2(h))
-    _dbias_kernel[(e, triton.cdiv(h, block_h))](dy, prob.contiguous(), offsets, dbias, h,
-                                                dy.stride(0), BLOCK_M=32, BLOCK_H=block_h)
+    if e:
+        _dbias_kernel[(e, triton.cdiv(h, block_h))](dy, prob, offsets, dbias, h, dy.stride(0),
+                                                    BLOCK_M=32, BLOCK_H=block_h)
     if m:
         _dprob_kernel[(triton.cdiv(m, 32),)](dy, bias, expert_index, dprob, m, h,
                                              dy.stride(0), bias.stride(0), BLOCK_M=32,

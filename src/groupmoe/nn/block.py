@@ -44,14 +44,15 @@ class MoEBlock(nn.Module):
                  router: RouterKind = "softmax_topk", normalize: bool = True,
                  router_bias: bool = False, jitter: float = 0.0, activation: str = "swiglu",
                  expert_bias: bool = False, shared_intermediate_size: int | None = None,
-                 impl: Impl = "groupmoe", save: SaveMode | None = None, device=None,
-                 dtype=None):
+                 impl: Impl = "groupmoe", save: SaveMode | None = None,
+                 input_grad: bool | None = None, weight_grad: bool | None = None,
+                 device=None, dtype=None):
         super().__init__()
         f = {"device": device, "dtype": dtype}
         self.router = TopKRouter(hidden_size, num_experts, top_k, router, normalize,
                                  router_bias, jitter).to(**f)
         self.experts = GroupedExperts(hidden_size, intermediate_size, num_experts, activation,
-                                      expert_bias, impl, save, **f)
+                                      expert_bias, impl, save, input_grad, weight_grad, **f)
         self.shared_expert = SharedExpert(hidden_size, shared_intermediate_size, **f) \
             if shared_intermediate_size else None
 

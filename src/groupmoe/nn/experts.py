@@ -29,17 +29,22 @@ class GroupedExperts(nn.Module):
             autograd) or ``"loop"`` (the per-expert reference).
         save: what the groupmoe path keeps for backward, ``"h"`` or ``"none"`` (default
             ``GROUPMOE_SAVE`` or ``"h"``).
+        input_grad, weight_grad: ``False`` skips the input / expert parameter gradients even
+            where they require grad; ``None`` follows ``requires_grad`` (see
+            :func:`~groupmoe.ops.expert_mlp`). Every impl honours them.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  activation: str = "swiglu", bias: bool = False, impl: Impl = "groupmoe",
-                 save: SaveMode | None = None, device=None, dtype=None):
+                 save: SaveMode | None = None, input_grad: bool | None = None,
+                 weight_grad: bool | None = None, device=None, dtype=None):
         super().__init__()
         check(impl in IMPLS, f"GroupedExperts: impl must be one of {IMPLS}, got {impl!r}")
         factory = {"device": device, "dtype": dtype}
         self.num_experts = num_experts
         self.activation = get_activation(activation)
         self.impl, self.save = impl, save
+        self.input_grad, self.weight_grad = input_grad, weight_grad
         self.gate_up = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size,
                                                 **factory))
         self.down = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size,
@@ -61,10 +66,15 @@ class GroupedExperts(nn.Module):
                 gate_weights: torch.Tensor) -> torch.Tensor:
         """``x [T, H]``, ``expert_ids [T, k]``, ``gate_weights [T, k]`` -> ``[T, H]``."""
         args = (self.gate_up, self.down, self.gate_up_bias, self.down_bias, self.activation)
+        if self.impl != "groupmoe":  # the fused Function skips these itself
+            x = x.detach() if self.input_grad is False else x
+            if self.weight_grad is False:
+                args = (*(None if w is None else w.detach() for w in args[:4]), args[4])
         if self.impl == "loop":
             check_expert_ids(expert_ids, self.num_experts, "GroupedExperts")
             return expert_mlp_reference(x, expert_ids, gate_weights, *args)
         routing = build_routing(expert_ids, self.num_experts)
         if self.impl == "naive":
             return expert_mlp_naive(x, routing, gate_weights, *args)
-        return expert_mlp(x, routing, gate_weights, *args, save=self.save)
+        return expert_mlp(x, routing, gate_weights, *args, save=self.save,
+                          input_grad=self.input_grad, weight_grad=self.weight_grad)

@@ -197,8 +197,8 @@ def expert_mlp(
     b_down: torch.Tensor | None = None,
     activation: str | Activation = "swiglu",
     save: SaveMode | None = None,
-    input_grad: bool = True,
-    weight_grad: bool = True,
+    input_grad: bool | None = None,
+    weight_grad: bool | None = None,
 ) -> torch.Tensor:
     """Routed expert MLP of ``x [T, H]``, summed over each token's ``top_k`` experts.
 
@@ -212,10 +212,13 @@ def expert_mlp(
         save: ``"h"`` keeps the gate_up output for backward; ``"none"`` recomputes it (one
             extra grouped GEMM in backward, least memory). Default: ``GROUPMOE_SAVE`` or
             ``"h"``.
-        input_grad: ``False`` skips ``dx`` even if ``x`` requires grad (e.g. the first layer).
+        input_grad: ``False`` skips ``dx`` even if ``x`` requires grad (e.g. the first layer);
+            ``None`` or ``True``: ``dx`` when ``x`` requires grad.
         weight_grad: ``False`` skips the expert weight and bias gradients even if they require
-            grad (frozen experts that were not marked ``requires_grad=False``).
-        Tensors that do not require grad never get one, whatever these say.
+            grad (frozen experts that were not marked ``requires_grad=False``; their ``.grad``
+            stays ``None``); ``None`` or ``True``: follow ``requires_grad``.
+        Tensors that do not require grad never get one, whatever these say; the router
+        weights' gradient follows their ``requires_grad`` only.
     Returns:
         ``[T, H]`` in ``x``'s dtype, accumulated over the k slots in fp32.
     """
@@ -225,7 +228,8 @@ def expert_mlp(
     check_expert_args(x, routing, gate_weights, w_gate_up, w_down, b_gate_up, b_down)
     act = get_activation(activation)
     return ExpertMLPFunction.apply(x, gate_weights, w_gate_up, w_down, b_gate_up, b_down,
-                                   routing, act, save, input_grad, weight_grad)
+                                   routing, act, save, input_grad is not False,
+                                   weight_grad is not False)
 
 
 def expert_mlp_naive(

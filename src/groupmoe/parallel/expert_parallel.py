@@ -35,7 +35,8 @@ def shard_experts(full: GroupedExperts, rank: int, world: int) -> GroupedExperts
     lo, hi = rank * e // world, (rank + 1) * e // world
     h, two_i = full.gate_up.shape[1], full.gate_up.shape[2]
     local = GroupedExperts(h, two_i // 2, hi - lo, full.activation, full.gate_up_bias is not None,
-                           full.impl, full.save, device=full.gate_up.device,
+                           full.impl, full.save, full.input_grad, full.weight_grad,
+                           device=full.gate_up.device,
                            dtype=full.gate_up.dtype)
     with torch.no_grad():
         for name, p in local.named_parameters():
@@ -114,7 +115,8 @@ class ExpertParallel(nn.Module):
         local = build_routing(local_ids, self.local_count)
         e = self.experts
         y = expert_mlp(recv_rows, local, recv_gates.unsqueeze(1), e.gate_up, e.down,
-                       e.gate_up_bias, e.down_bias, e.activation, save=e.save)
+                       e.gate_up_bias, e.down_bias, e.activation, save=e.save,
+                       weight_grad=e.weight_grad)
         back = dist_fn.all_to_all_single(y.new_empty(rows.shape[0], x.shape[1]), y, send_splits,
                                          recv_splits, self.group)
         return gather_sum(back, routing, x.dtype)
