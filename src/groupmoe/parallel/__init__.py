@@ -6,12 +6,13 @@ imports the weight-gradient store from here.
 
 from .wgrad_store import WEIGHT_GRAD_STORE, WeightGradStore, linear, weight_grad
 
-__all__ = ["WEIGHT_GRAD_STORE", "ExpertParallel", "WeightGradStore", "linear", "weight_grad"]
+_LAZY = ("ExpertParallel", "local_expert_range", "resolve_group", "shard_expert_tensor")
+__all__ = ["WEIGHT_GRAD_STORE", "WeightGradStore", "linear", "weight_grad", *_LAZY]
 
 
 def __getattr__(name):
-    if name == "ExpertParallel":
-        from .expert_parallel import ExpertParallel
+    if name in _LAZY:
+        from . import expert_parallel
 
-        return ExpertParallel
+        return getattr(expert_parallel, name)
     raise AttributeError(name)

@@ -1,122 +1,288 @@
-"""Expert parallelism over torch.distributed: each rank holds ``E / world`` experts.
+"""Expert parallelism over ``torch.distributed``: each rank of a group holds ``E / world`` experts.
 
-Per step: sort the (token, slot) pairs by expert, exchange per-expert counts with one
-``all_to_all_single``, send each pair's hidden row and router weight to the rank owning its
-expert, run the local experts there with :func:`groupmoe.ops.expert_mlp` (the router weight
-scales the activation before the down projection, so its gradient travels back too), send
-the results back with the reverse all-to-all, and sum each token's ``top_k`` rows in fp32.
-Both all-to-alls are differentiable (``torch.distributed.nn.functional``).
+Data flow of one call on every rank of the expert-parallel (EP) group::
 
-Composing with data parallel / FSDP2: build a 2-D ``DeviceMesh`` ``("dp", "ep")``; shard the
-non-expert parameters (attention, router, norms) with FSDP2 over the whole mesh (or "dp"),
-pass ``mesh["ep"].get_group()`` here, and shard the expert parameters with FSDP2 over
-``mesh["dp"]`` only: each "ep" rank holds different experts, replicated across "dp".
+    sort (token, slot) pairs by global expert -> exchange per-expert counts (all_to_all)
+    -> all_to_all the token rows and their router weights to the ranks owning the experts
+    -> local grouped expert MLP (router weight applied before the down projection)
+    -> reverse all_to_all of the weighted rows -> fp32 sum over the k slots onto the tokens
+
+Both all-to-alls are autograd nodes whose backward is the reverse exchange, so ``x``, the router
+weights and the local expert weights all get their gradients. The transport is PyTorch's own
+``all_to_all_single`` (NCCL on GPUs, gloo on CPU).
+
+Composing with data parallel / FSDP2 (2-D mesh)
+-----------------------------------------------
+Use a ``("dp", "ep")`` :class:`~torch.distributed.device_mesh.DeviceMesh` of ``dp * ep`` ranks.
+Every rank reads its own batch. Expert weights are split along ``"ep"`` (the rank at ep
+coordinate ``j`` holds experts ``[j E/ep, (j+1) E/ep)``) and replicated along ``"dp"``;
+every other parameter (attention, norms, router, shared expert, embeddings) is replicated on
+all ``dp * ep`` ranks::
+
+    mesh = init_device_mesh("cuda", (dp, ep), mesh_dim_names=("dp", "ep"))
+    block.experts = ExpertParallel.from_experts(block.experts, mesh, "ep")
+    fully_shard(block.experts, mesh=mesh["dp"])       # experts: FSDP over dp only
+    block.experts.set_gradient_divide_factor(dp * ep)  # see below
+    fully_shard(model, mesh=init_device_mesh("cuda", (dp * ep,)))  # the rest: all ranks
+
+An expert's gradient on one rank already sums the contributions of the tokens of all ``ep``
+peers, so reducing it over ``"dp"`` sums over every token of the global batch; dividing by
+``dp * ep`` (not FSDP's default ``dp``) gives the same scale as the non-expert gradients,
+which are averaged over all ``dp * ep`` ranks. Without FSDP, all-reduce the expert gradients
+over ``mesh["dp"].get_group()`` and the rest over the world group, with the same divisors.
+
+Every rank of the EP group must call forward and backward of each layer (they are collectives),
+even with no tokens; the output must take part in the loss on every rank.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
-from torch import nn
 
-from ..nn.experts import GroupedExperts
-from ..ops.checks import check, check_expert_ids
-from ..ops.experts import expert_mlp, gather_sum
-from ..ops.routing import build_routing
+from ..nn.experts import GroupedExperts, Impl
+from ..ops.checks import check
+from ..ops.experts import SaveMode, gather_sum
+from ..ops.routing import Routing, build_routing
 
-_DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
+_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
-def shard_experts(full: GroupedExperts, rank: int, world: int) -> GroupedExperts:
-    """The contiguous slice of ``full``'s experts that ``rank`` owns, as its own module."""
-    e = full.num_experts
-    check(e % world == 0, f"shard_experts: {e} experts do not divide over {world} ranks")
-    lo, hi = rank * e // world, (rank + 1) * e // world
-    h, two_i = full.gate_up.shape[1], full.gate_up.shape[2]
-    local = GroupedExperts(h, two_i // 2, hi - lo, full.activation, full.gate_up_bias is not None,
-                           full.impl, full.save, full.input_grad, full.weight_grad,
-                           device=full.gate_up.device,
-                           dtype=full.gate_up.dtype)
-    with torch.no_grad():
-        for name, p in local.named_parameters():
-            p.copy_(getattr(full, name)[lo:hi])
-    return local
+def resolve_group(group=None, mesh_dim: str | int | None = None) -> dist.ProcessGroup:
+    """The process group of ``group``: a ``ProcessGroup``, a ``DeviceMesh`` with ``mesh_dim``
+    (optional for a 1-D mesh), or ``None`` for the default (world) group."""
+    check(dist.is_available() and dist.is_initialized(),
+          "ExpertParallel: torch.distributed is not initialized (call init_process_group)")
+    if group is None:
+        check(mesh_dim is None, "ExpertParallel: mesh_dim given without a DeviceMesh")
+        return dist.group.WORLD
+    from torch.distributed.device_mesh import DeviceMesh
+
+    if isinstance(group, DeviceMesh):
+        check(mesh_dim is not None or group.ndim == 1,
+              f"ExpertParallel: a {group.ndim}-D DeviceMesh needs mesh_dim (one of "
+              f"{group.mesh_dim_names})")
+        return group.get_group(mesh_dim) if mesh_dim is not None else group.get_group()
+    check(mesh_dim is None, "ExpertParallel: mesh_dim is only meaningful with a DeviceMesh")
+    return group
 
 
-class ExpertParallel(nn.Module):
-    """Routed experts sharded over a process group (or a DeviceMesh dimension).
+def local_expert_range(num_experts: int, rank: int, world_size: int) -> range:
+    """Global ids of the experts held by ``rank``: a contiguous slice of ``E / world_size``."""
+    check(world_size >= 1 and 0 <= rank < world_size,
+          f"local_expert_range: rank {rank} out of range for world size {world_size}")
+    check(num_experts % world_size == 0,
+          f"ExpertParallel: {num_experts} experts are not divisible by the expert-parallel "
+          f"world size {world_size}")
+    per = num_experts // world_size
+    return range(rank * per, (rank + 1) * per)
+
+
+def shard_expert_tensor(t: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """Rank ``rank``'s slice along dim 0 of a full ``[E, ...]`` expert stack (a view)."""
+    r = local_expert_range(t.shape[0], rank, world_size)
+    return t[r.start:r.stop]
+
+
+def _exchange(t: torch.Tensor, out_splits: list[int], in_splits: list[int],
+              group: dist.ProcessGroup) -> torch.Tensor:
+    out = t.new_empty((sum(out_splits), *t.shape[1:]))
+    dist.all_to_all_single(out, t.contiguous(), out_splits, in_splits, group=group)
+    return out
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` of row tensors sharing the same splits; backward is the reverse
+    exchange. One node for several tensors keeps the collectives in one fixed order."""
+
+    @staticmethod
+    def forward(ctx, group, out_splits, in_splits, *tensors):
+        ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
+        return tuple(_exchange(t, out_splits, in_splits, group) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        back = tuple(
+            _exchange(g, ctx.in_splits, ctx.out_splits, ctx.group) if need else None
+            for g, need in zip(grads, ctx.needs_input_grad[3:])
+        )
+        return (None, None, None, *back)
+
+
+class _Dispatch(torch.autograd.Function):
+    """Token rows in expert-sorted order, ``x[token_index]``; backward sums the k slots of
+    each token in fp32 (the adjoint of :class:`_Combine`)."""
+
+    @staticmethod
+    def forward(ctx, x, routing: Routing):
+        ctx.routing, ctx.dtype = routing, x.dtype
+        return x.index_select(0, routing.token_index)
+
+    @staticmethod
+    def backward(ctx, drows):
+        return gather_sum(drows, ctx.routing, ctx.dtype), None
+
+
+class _Combine(torch.autograd.Function):
+    """``out[t] = sum_s rows[(t, s)]`` accumulated in fp32, cast once; backward gathers."""
+
+    @staticmethod
+    def forward(ctx, rows, routing: Routing):
+        ctx.routing = routing
+        return gather_sum(rows, routing, rows.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return dout.index_select(0, ctx.routing.token_index), None
+
+
+def _dtype_code(dtype: torch.dtype) -> int:
+    return _DTYPES.index(dtype) if dtype in _DTYPES else len(_DTYPES)
+
+
+def _decode(name: str, value: int):
+    if name.endswith("dtype"):
+        return _DTYPES[value] if value < len(_DTYPES) else "other"
+    return value
+
+
+class ExpertParallel(GroupedExperts):
+    """:class:`GroupedExperts` sharded over a process group: this rank holds experts
+    ``[rank * E/world, (rank+1) * E/world)``, tokens travel to them by all-to-all.
+
+    Drop-in for ``MoEBlock.experts`` (same ``forward(x, expert_ids, gate_weights)`` with global
+    expert ids, same parameter names holding only the local slice, so ``gate_up`` is
+    ``[E/world, H, 2I]``). ``num_experts`` is the local count, ``global_num_experts`` ``E``.
+    Per-rank token counts may differ, including zero. Build it on every rank of the group
+    (construction compares the configs of all ranks); see the module docstring for meshes.
 
     Args:
-        local_experts: this rank's :class:`GroupedExperts` (``num_experts / world`` of them,
-            e.g. from :func:`shard_experts`); rank ``r`` owns experts
-            ``[r * E_local, (r + 1) * E_local)``.
-        num_experts: the global number of experts ``E``.
-        group: a process group, or ``None`` for the default one; or pass ``mesh`` and
-            ``mesh_dim``.
+        hidden_size, intermediate_size, num_experts: global expert shapes (``E`` in total).
+        activation, bias, impl, save: as in :class:`GroupedExperts` (the local compute).
+        group: a ``ProcessGroup``, a ``DeviceMesh`` (with ``mesh_dim``), or ``None`` (world).
     """
 
-    def __init__(self, local_experts: GroupedExperts, num_experts: int, group=None,
-                 mesh=None, mesh_dim: str | int | None = None):
-        super().__init__()
-        if mesh is not None:
-            group = mesh.get_group(mesh_dim)
-        self.group = group
-        self.world = dist.get_world_size(group)
-        self.rank = dist.get_rank(group)
-        check(num_experts % self.world == 0,
-              f"ExpertParallel: {num_experts} experts do not divide over {self.world} ranks")
-        self.num_experts = num_experts
-        self.local_count = num_experts // self.world
-        check(local_experts.num_experts == self.local_count,
-              f"ExpertParallel: rank {self.rank} holds {local_experts.num_experts} experts, "
-              f"expected {num_experts} / {self.world} = {self.local_count}")
-        self.experts = local_experts
-        self._config_checked = False
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
+                 activation: str = "swiglu", bias: bool = False, impl: Impl = "groupmoe",
+                 save: SaveMode | None = None, group=None, mesh_dim: str | int | None = None,
+                 weight_grad: bool | None = None, device=None, dtype=None):
+        pg = resolve_group(group, mesh_dim)
+        world, rank = dist.get_world_size(pg), dist.get_rank(pg)
+        config = (num_experts, hidden_size, intermediate_size, str(activation), bool(bias),
+                  str(dtype or torch.get_default_dtype()))
+        configs: list = [None] * world
+        dist.all_gather_object(configs, config, group=pg)
+        for r, c in enumerate(configs):
+            check(c == config,
+                  f"ExpertParallel: rank {rank} has config (E, H, I, activation, bias, dtype) = "
+                  f"{config} but rank {r} has {c}; all ranks of the group must agree")
+        local = local_expert_range(num_experts, rank, world)
+        # input_grad stays None: skipping dx on one rank would leave the backward
+        # all-to-alls of the ranks out of step
+        super().__init__(hidden_size, intermediate_size, len(local), activation, bias, impl,
+                         save, weight_grad=weight_grad, device=device, dtype=dtype)
+        self.group, self.world_size, self.rank = pg, world, rank
+        self.global_num_experts = num_experts
+        self.expert_offset = local.start
 
-    def _check_config(self, x: torch.Tensor, top_k: int) -> None:
-        """All ranks must agree on E, H, I, top_k and dtype (one all_gather, first call)."""
-        w = self.experts.gate_up
-        mine = torch.tensor([self.num_experts, w.shape[1], w.shape[2], top_k,
-                             _DTYPES.index(x.dtype) if x.dtype in _DTYPES else -1],
-                            dtype=torch.int64, device=x.device)
-        every = [torch.empty_like(mine) for _ in range(self.world)]
-        dist.all_gather(every, mine, group=self.group)
-        for r, other in enumerate(every):
-            if not torch.equal(other, mine):
-                raise ValueError(
-                    f"ExpertParallel: rank {self.rank} has (E, H, 2I, top_k, dtype) = "
-                    f"{mine.tolist()} but rank {r} has {other.tolist()}")
-        self._config_checked = True
+    @classmethod
+    def from_experts(cls, experts: GroupedExperts, group=None,
+                     mesh_dim: str | int | None = None) -> ExpertParallel:
+        """Shard a full :class:`GroupedExperts` (same weights on every rank): keep this rank's
+        slice of every stack. Call it on every rank of the group."""
+        gate_up = experts.gate_up
+        ep = cls(gate_up.shape[1], gate_up.shape[2] // 2, experts.num_experts,
+                 experts.activation.name, experts.gate_up_bias is not None, experts.impl,
+                 experts.save, group, mesh_dim, weight_grad=experts.weight_grad,
+                 device=gate_up.device, dtype=gate_up.dtype)
+        with torch.no_grad():
+            for name in ("gate_up", "down", "gate_up_bias", "down_bias"):
+                full = getattr(experts, name)
+                if full is not None:
+                    getattr(ep, name).copy_(shard_expert_tensor(full, ep.rank, ep.world_size))
+                    getattr(ep, name).requires_grad_(full.requires_grad)
+        return ep
+
+    def _route(self, x, expert_ids, gate_weights) -> tuple[Routing | None, str]:
+        """This rank's routing, or its input error: errors are raised on every rank after the
+        count exchange, so that one rank's bad input never leaves the others waiting."""
+        h = self.gate_up.shape[1]
+        try:
+            check(x.dim() == 2 and x.shape[1] == h,
+                  f"x must be [tokens, {h}], got {tuple(x.shape)}")
+            check(expert_ids.dim() == 2 and expert_ids.shape[0] == x.shape[0],
+                  f"expert ids must be [{x.shape[0]}, top_k], got {tuple(expert_ids.shape)}")
+            check(gate_weights.shape == expert_ids.shape,
+                  f"router weights must be {tuple(expert_ids.shape)}, got "
+                  f"{tuple(gate_weights.shape)}")
+            check(gate_weights.is_floating_point() and gate_weights.device == x.device,
+                  f"router weights must be floating point on {x.device}, got "
+                  f"{gate_weights.dtype} on {gate_weights.device}")
+            check(x.dtype == self.gate_up.dtype,
+                  f"x is {x.dtype} but the expert weights are {self.gate_up.dtype}")
+            check(x.device == self.gate_up.device,
+                  f"x is on {x.device} but the expert weights are on {self.gate_up.device}")
+            return build_routing(expert_ids, self.global_num_experts), ""
+        except ValueError as e:
+            return None, str(e)
+
+    def _call_config(self, x, expert_ids, gate_weights, error: bool) -> list[int]:
+        """What must agree across ranks on every call: shapes, dtypes, and the requires-grad
+        pattern (it decides which backward collectives run)."""
+        return [int(error), self.global_num_experts, self.gate_up.shape[1], self.down.shape[1],
+                expert_ids.shape[-1] if expert_ids.dim() == 2 else -1,
+                _dtype_code(x.dtype), _dtype_code(gate_weights.dtype),
+                int(torch.is_grad_enabled()), int(x.requires_grad),
+                int(gate_weights.requires_grad),
+                int(any(w.requires_grad for w in self.parameters()))]
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor,
                 gate_weights: torch.Tensor) -> torch.Tensor:
         """``x [T, H]``, global ``expert_ids [T, k]``, ``gate_weights [T, k]`` -> ``[T, H]``.
-        Token counts may differ between ranks."""
-        check_expert_ids(expert_ids, self.num_experts, "ExpertParallel")
-        if not self._config_checked:
-            self._check_config(x, expert_ids.shape[1])
-        routing = build_routing(expert_ids, self.num_experts)
-        counts = routing.counts.view(self.world, self.local_count)
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=self.group)
-        send_splits = counts.sum(1).tolist()
-        recv_splits = recv_counts.sum(1).tolist()
-        rows = x.index_select(0, routing.token_index)
-        gates = gate_weights.reshape(-1).index_select(0, routing.order)
-        recv_rows = dist_fn.all_to_all_single(
-            rows.new_empty(sum(recv_splits), x.shape[1]), rows, recv_splits, send_splits,
-            self.group)
-        recv_gates = dist_fn.all_to_all_single(
-            gates.new_empty(sum(recv_splits)), gates, recv_splits, send_splits, self.group)
-        # each source's chunk arrives sorted by expert: rebuild the local expert of each row
-        local_ids = torch.arange(self.local_count, device=x.device).repeat(self.world)
-        local_ids = local_ids.repeat_interleave(recv_counts.flatten()).unsqueeze(1)
-        local = build_routing(local_ids, self.local_count)
-        e = self.experts
-        y = expert_mlp(recv_rows, local, recv_gates.unsqueeze(1), e.gate_up, e.down,
-                       e.gate_up_bias, e.down_bias, e.activation, save=e.save,
-                       weight_grad=e.weight_grad)
-        back = dist_fn.all_to_all_single(y.new_empty(rows.shape[0], x.shape[1]), y, send_splits,
-                                         recv_splits, self.group)
-        return gather_sum(back, routing, x.dtype)
+
+        ``T`` and the routing may differ per rank; every rank of the group must call it.
+        """
+        world, per = self.world_size, self.num_experts
+        routing, error = self._route(x, expert_ids, gate_weights)
+        counts = routing.counts if routing is not None else \
+            torch.zeros(self.global_num_experts, dtype=torch.long, device=x.device)
+        mine = self._call_config(x, expert_ids, gate_weights, bool(error))
+        config = torch.tensor(mine, dtype=torch.long, device=x.device)
+        # Row r goes to rank r: the counts of its experts, then this rank's call config.
+        send = torch.cat([counts.view(world, per), config.expand(world, -1)], 1)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        width = send.shape[1]
+        host = torch.cat([recv.view(-1), counts]).tolist()  # the one host sync of the call
+        rows = [host[r * width:(r + 1) * width] for r in range(world)]
+        sent_host = host[recv.numel():]
+        self._raise_on_mismatch(error, mine, [row[per:] for row in rows])
+
+        recv_counts = [row[:per] for row in rows]  # [src][local expert]
+        in_splits = [sum(sent_host[r * per:(r + 1) * per]) for r in range(world)]
+        out_splits = [sum(c) for c in recv_counts]
+        gates_sorted = gate_weights.reshape(-1).index_select(0, routing.order)
+        x_recv, g_recv = _AllToAll.apply(self.group, out_splits, in_splits,
+                                         _Dispatch.apply(x, routing), gates_sorted)
+        # Received rows come grouped by source rank, then by local expert.
+        local_ids = torch.repeat_interleave(
+            torch.arange(per, device=x.device).repeat(world),
+            recv.view(world, width)[:, :per].reshape(-1), output_size=sum(out_splits))
+        y_recv = super().forward(x_recv, local_ids.unsqueeze(1), g_recv.unsqueeze(1))
+        (y,) = _AllToAll.apply(self.group, in_splits, out_splits, y_recv)
+        return _Combine.apply(y, routing)
+
+    def _raise_on_mismatch(self, error: str, mine: list[int], theirs: list[list[int]]) -> None:
+        if error:
+            raise ValueError(f"ExpertParallel (rank {self.rank}): {error}")
+        bad = [r for r, c in enumerate(theirs) if c[0]]
+        check(not bad, f"ExpertParallel (rank {self.rank}): rank(s) {bad} of the group failed "
+              "their input checks (see their errors)")
+        names = ("error", "E", "H", "I", "top_k", "x dtype", "router weight dtype",
+                 "grad enabled", "x requires grad", "router weights require grad",
+                 "expert weights require grad")
+        for r, c in enumerate(theirs):
+            diff = [f"{n}: {_decode(n, a)} vs {_decode(n, b)}"
+                    for n, a, b in zip(names, mine, c) if a != b]
+            check(not diff, f"ExpertParallel (rank {self.rank}): call differs from rank {r} "
+                  f"({'; '.join(diff)}); all ranks must call with the same config")
