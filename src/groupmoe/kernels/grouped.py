@@ -64,6 +64,14 @@ def _tile_of(pid_m, offs_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
+def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    if UPCAST:  # the CPU interpreter (triton 3.9) multiplies bf16 operands wrongly
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=PRECISION)
+
+
+@triton.jit
 def _grouped_mm_kernel(
     a_ptr, idx_ptr, w_ptr, offs_ptr, bias_ptr, scale_ptr, out_idx_ptr, h_ptr, out_ptr,
     M_ROWS, K, N_COLS, E,
@@ -72,7 +80,8 @@ def _grouped_mm_kernel(
     alpha, limit,
     HAS_INDEX: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
     HAS_OUT_INDEX: tl.constexpr, ACT: tl.constexpr, STORE_H: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_E: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr = 8,
 ):
@@ -124,13 +133,13 @@ def _grouped_mm_kernel(
             k_mask = offs_k < K - kk * BLOCK_K
             a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             b1 = tl.load(w1_ptrs, mask=k_mask[:, None] & c1_mask[None, :], other=0.0)
-        acc1 = tl.dot(a, b1, acc1, input_precision=DOT_PRECISION)
+        acc1 = _dot(a, b1, acc1, DOT_PRECISION, UPCAST)
         if ACT == 1:
             if EVEN_K:
                 b2 = tl.load(w2_ptrs, mask=c1_mask[None, :], other=0.0)
             else:
                 b2 = tl.load(w2_ptrs, mask=k_mask[:, None] & c1_mask[None, :], other=0.0)
-            acc2 = tl.dot(a, b2, acc2, input_precision=DOT_PRECISION)
+            acc2 = _dot(a, b2, acc2, DOT_PRECISION, UPCAST)
             w2_ptrs += BLOCK_K * stride_wk
         a_ptrs += BLOCK_K * stride_ak
         w1_ptrs += BLOCK_K * stride_wk
@@ -209,7 +218,7 @@ def _launch(a, token_index, w, offsets, out, *, h=None, bias=None, scale=None, o
     flags = dict(
         HAS_INDEX=token_index is not None, HAS_BIAS=bias is not None, HAS_SCALE=scale is not None,
         HAS_OUT_INDEX=out_index is not None, ACT=act, STORE_H=h is not None,
-        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32", UPCAST=interpreting(),
         BLOCK_E=max(16, triton.next_power_of_2(e)),
     )
     tile_div = 1 if act == ACT_NONE else 2

@@ -14,6 +14,7 @@ from typing import Literal
 import torch
 
 from .activations import Activation, get_activation
+from .backend import Backend, resolve_backend
 from .checks import check, check_same_device, check_same_dtype
 from .dtypes import accum_dtype, to_accum
 from .grouped_gemm import grouped_mm, grouped_mm_wgrad, segment_sum
@@ -109,16 +110,21 @@ class ExpertMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate_weights, w1, w2, b1, b2, routing: Routing, act: Activation,
-                save: SaveMode):
+                save: SaveMode, backend: str = "torch"):
         g = gate_weights.reshape(-1).index_select(0, routing.order)
-        xs = x.index_select(0, routing.token_index)
-        h = _gate_up(xs, w1, b1, routing)
-        a_scaled = act(h) * g.to(h.dtype).unsqueeze(1)
-        y = grouped_mm(a_scaled, w2, routing.offsets)
-        del a_scaled
-        if b2 is not None:
-            y += g.to(y.dtype).unsqueeze(1) * b2.index_select(0, routing.expert_index)
-        out = gather_sum(y, routing, x.dtype)
+        if backend == "triton":
+            from ..kernels.experts import expert_forward
+
+            h, out = expert_forward(x, g, w1, w2, b1, b2, routing, act, store_h=save == "h")
+        else:
+            xs = x.index_select(0, routing.token_index)
+            h = _gate_up(xs, w1, b1, routing)
+            a_scaled = act(h) * g.to(h.dtype).unsqueeze(1)
+            y = grouped_mm(a_scaled, w2, routing.offsets)
+            del a_scaled
+            if b2 is not None:
+                y += g.to(y.dtype).unsqueeze(1) * b2.index_select(0, routing.expert_index)
+            out = gather_sum(y, routing, x.dtype)
         ctx.routing, ctx.act, ctx.save = routing, act, save
         ctx.gate_dtype = gate_weights.dtype
         ctx.save_for_backward(x, g, w1, w2, b1, b2, h if save == "h" else None)
@@ -159,7 +165,7 @@ class ExpertMLPFunction(torch.autograd.Function):
         if need_g:
             dgate = torch.empty_like(dg).index_copy_(0, routing.order, dg)
             dgate = dgate.view(routing.num_tokens, routing.top_k).to(ctx.gate_dtype)
-        return dx, dgate, dw1, dw2, db1, db2, None, None, None
+        return dx, dgate, dw1, dw2, db1, db2, None, None, None, None
 
 
 def expert_mlp(
@@ -172,6 +178,7 @@ def expert_mlp(
     b_down: torch.Tensor | None = None,
     activation: str | Activation = "swiglu",
     save: SaveMode = "h",
+    backend: Backend | None = None,
 ) -> torch.Tensor:
     """Routed expert MLP of ``x [T, H]``, summed over each token's ``top_k`` experts.
 
@@ -184,6 +191,8 @@ def expert_mlp(
             :class:`Activation`.
         save: ``"h"`` keeps the gate_up output for backward; ``"none"`` recomputes it (one
             extra grouped GEMM in backward, least memory).
+        backend: forward kernels, ``"torch"``, ``"triton"`` or ``"auto"``; ``None`` takes the
+            process default (:func:`~groupmoe.ops.backend.set_backend`, ``GROUPMOE_BACKEND``).
     Returns:
         ``[T, H]`` in ``x``'s dtype, accumulated over the k slots in fp32.
     """
@@ -191,7 +200,7 @@ def expert_mlp(
     check_expert_args(x, routing, gate_weights, w_gate_up, w_down, b_gate_up, b_down)
     act = get_activation(activation)
     return ExpertMLPFunction.apply(x, gate_weights, w_gate_up, w_down, b_gate_up, b_down,
-                                   routing, act, save)
+                                   routing, act, save, resolve_backend(backend, x, act))
 
 
 def expert_mlp_naive(
