@@ -71,6 +71,11 @@ def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+@triton.heuristics({
+    # column tile: whole BLOCK_N for a plain GEMM, half for the act outputs (two h halves)
+    "TILE_N": lambda args: args["BLOCK_N"] // (1 if args["ACT"] == ACT_NONE else 2),
+    "ACC_N": lambda args: args["BLOCK_N"] // (2 if args["ACT"] == ACT_SWIGLU else 1),
+})
 @triton.jit
 def _grouped_mm_kernel(
     a_ptr, idx_ptr, w_ptr, offs_ptr, bias_ptr, scale_ptr, out_idx_ptr, h_ptr, out_ptr,
@@ -83,12 +88,11 @@ def _grouped_mm_kernel(
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr = 8,
+    TILE_N: tl.constexpr, ACC_N: tl.constexpr, GROUP_M: tl.constexpr = 8,
 ):
     """ACT 0: ``out[r] = A[r] W[e] (+ bias[e] * scale[r])``, stored at row ``out_idx[r]``.
     ACT 1/2: ``h = A[r] W[e] + bias[e]`` (stored when STORE_H), ``out = act(h) * scale[r]``;
     swiglu's gate/up are the two column halves, gpt-oss's are interleaved."""
-    TILE_N: tl.constexpr = BLOCK_N if ACT == 0 else BLOCK_N // 2
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M_ROWS, BLOCK_M) + E
     num_pid_n = tl.cdiv(N_COLS, TILE_N)
@@ -123,7 +127,7 @@ def _grouped_mm_kernel(
     c2 = c1 + N_COLS
     w1_ptrs = w_base + offs_k[:, None] * stride_wk + c1[None, :] * stride_wn
     w2_ptrs = w_base + offs_k[:, None] * stride_wk + c2[None, :] * stride_wn
-    acc1 = tl.zeros((BLOCK_M, BLOCK_N if ACT == 2 else TILE_N), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_M, ACC_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, TILE_N), dtype=tl.float32)
     for kk in range(0, tl.cdiv(K, BLOCK_K)):
         if EVEN_K:
