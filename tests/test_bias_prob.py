@@ -8,11 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from groupmoe.kernels import triton_available
 from groupmoe.ops import backend, bias_prob_grads, build_routing
 from moe_cases import make_ids, rel_err
 
 HERE = Path(__file__).parent
-needs_triton = pytest.mark.skipif(not backend.triton_installed(), reason="triton not installed")
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not installed")
 
 
 @needs_triton

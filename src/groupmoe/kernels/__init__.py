@@ -1,3 +1,24 @@
-"""Triton kernels for CUDA tensors. Import a kernel module only after checking
-:func:`groupmoe.ops.backend.triton_enabled`; the torch paths in :mod:`groupmoe.ops` are the
-reference and the CPU implementation."""
+"""Triton kernels for CUDA tensors (or Triton's CPU interpreter with ``TRITON_INTERPRET=1``).
+
+Nothing here imports Triton at package import: :func:`triton_available` checks lazily, and a
+kernel module is imported only where :mod:`groupmoe.ops.backend` chose Triton. The torch
+paths in :mod:`groupmoe.ops` are the reference and the CPU implementation.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton can be imported (not whether a GPU is present)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``); Triton reads
+    the variable when a kernel module is first imported, so set it before that."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"

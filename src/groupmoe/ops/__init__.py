@@ -1,6 +1,7 @@
 """Pure functions and autograd Functions: the math of groupmoe lives here, once."""
 
 from .activations import ACTIVATIONS, Activation, GptOssGLU, SwiGLU, get_activation
+from .backend import get_backend, set_backend
 from .checks import set_validation, validation_enabled
 from .experts import (
     ExpertMLPFunction,
@@ -18,7 +19,8 @@ from .routing import Routing, build_routing, combine, scatter_for_grouped_gemm
 __all__ = [
     "ACTIVATIONS", "Activation", "ExpertMLPFunction", "GptOssGLU", "GroupedLinearFunction",
     "Routing", "SwiGLU", "bias_prob_grads", "build_routing", "combine", "expert_mlp",
-    "expert_mlp_naive", "expert_mlp_reference", "gather_sum", "get_activation", "grouped_linear",
+    "expert_mlp_naive", "expert_mlp_reference", "gather_sum", "get_activation", "get_backend",
+    "grouped_linear",
     "grouped_mm", "grouped_mm_wgrad", "native_available", "route", "scatter_for_grouped_gemm",
-    "segment_sum", "set_validation", "validation_enabled",
+    "segment_sum", "set_backend", "set_validation", "validation_enabled",
 ]

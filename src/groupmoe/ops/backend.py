@@ -1,27 +1,38 @@
-"""Which implementation runs the fused pieces: Triton kernels on CUDA, torch elsewhere.
+"""Which implementation runs the expert path: Triton kernels on CUDA, or torch.
 
-``GROUPMOE_BACKEND=auto`` (default) uses Triton for CUDA tensors when it is installed,
-``torch`` never does, ``triton`` insists (and, under ``TRITON_INTERPRET=1``, runs the kernels
-on CPU tensors too, which is how the CPU tests check them).
+``GROUPMOE_BACKEND`` / :func:`set_backend`:
+
+* ``auto`` (default): the Triton kernels that measured faster than torch on the device (fused
+  activation + router weight, gather-sum combine, bias/prob gradients) for CUDA tensors when
+  Triton is installed; torch everywhere else.
+* ``torch``: torch only (grouped_mm and elementwise ops): the reference.
+* ``triton``: also the fused gather + grouped GEMM forward kernels
+  (:mod:`groupmoe.kernels.grouped`), which are not yet faster than torch's grouped_mm; and,
+  under ``TRITON_INTERPRET=1``, the kernels on CPU tensors (how the CPU tests check them).
+
+fp64 always runs torch (the kernels accumulate in fp32).
 """
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import os
+from typing import Literal
 
 import torch
 
+from ..kernels import interpreting, triton_available
+from .checks import check
+
+Backend = Literal["auto", "torch", "triton"]
 BACKENDS = ("auto", "torch", "triton")
 _backend = os.environ.get("GROUPMOE_BACKEND", "auto")
+check(_backend in BACKENDS, f"GROUPMOE_BACKEND must be one of {BACKENDS}, got {_backend!r}")
 
 
-def set_backend(name: str) -> None:
-    """Choose ``"auto"``, ``"torch"`` or ``"triton"`` for the fused elementwise kernels."""
+def set_backend(name: Backend) -> None:
+    """Set the process-wide backend: ``"auto"``, ``"torch"`` or ``"triton"``."""
     global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    check(name in BACKENDS, f"backend must be one of {BACKENDS}, got {name!r}")
     _backend = name
 
 
@@ -29,24 +40,41 @@ def get_backend() -> str:
     return _backend
 
 
-@functools.cache
-def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether the Triton kernels should handle this tensor (fp64 always runs torch: the
-    kernels accumulate in fp32)."""
+    """Whether the elementwise/reduction Triton kernels should handle this tensor."""
     if _backend == "torch" or t.dtype == torch.float64:
         return False
     if t.is_cuda:
-        if triton_installed():
+        if triton_available():
             return True
-        if _backend == "triton":
-            raise RuntimeError("GROUPMOE_BACKEND=triton but triton is not installed")
+        check(_backend != "triton", "GROUPMOE_BACKEND=triton but triton is not installed")
         return False
-    return _backend == "triton" and _interpreting() and triton_installed()
+    return _backend == "triton" and interpreting() and triton_available()
+
+
+def _gemm_unsupported(x: torch.Tensor, act) -> str | None:
+    """Why the fused-GEMM Triton forward cannot run these inputs, or None when it can."""
+    if not triton_available():
+        return "triton is not installed"
+    if not (x.is_cuda or interpreting()):
+        return "inputs are not on a CUDA device (and TRITON_INTERPRET is not set)"
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"dtype {x.dtype} (want bfloat16, float16 or float32)"
+    if act.name not in ("swiglu", "gptoss"):
+        return f"activation {act.name!r} has no fused kernel (swiglu and gptoss do)"
+    return None
+
+
+def resolve_backend(backend: str | None, x: torch.Tensor, act) -> str:
+    """``"triton"`` when the fused-GEMM forward runs this call, else ``"torch"``.
+
+    ``backend`` (per call) overrides the process default; only ``"triton"`` selects the
+    fused-GEMM kernels, and it raises when they cannot run these inputs.
+    """
+    backend = _backend if backend is None else backend
+    check(backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend != "triton":
+        return "torch"
+    why = _gemm_unsupported(x, act)
+    check(why is None, f"expert_mlp: backend='triton' cannot run: {why}")
+    return "triton"

@@ -16,7 +16,7 @@ import torch
 
 from ..parallel.wgrad_store import weight_grad
 from .activations import Activation, get_activation, scaled_backward, scaled_forward
-from .backend import use_triton
+from .backend import Backend, resolve_backend, use_triton
 from .checks import check, check_same_device, check_same_dtype
 from .dtypes import accum_dtype, to_accum
 from .grouped_gemm import grouped_mm, grouped_mm_wgrad, segment_sum
@@ -124,16 +124,21 @@ class ExpertMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate_weights, w1, w2, b1, b2, routing: Routing, act: Activation,
-                save: SaveMode, input_grad: bool, weight_grad: bool):
+                save: SaveMode, input_grad: bool, weight_grad: bool, backend: str):
         g = gate_weights.reshape(-1).index_select(0, routing.order)
-        xs = x.index_select(0, routing.token_index)
-        h = _gate_up(xs, w1, b1, routing)
-        a_scaled = scaled_forward(act, h, g)
-        y = grouped_mm(a_scaled, w2, routing.offsets)
-        del a_scaled
-        if b2 is not None:
-            y += g.to(y.dtype).unsqueeze(1) * b2.index_select(0, routing.expert_index)
-        out = gather_sum(y, routing, x.dtype)
+        if backend == "triton":  # fused gather + grouped GEMM forward kernels
+            from ..kernels.experts import expert_forward
+
+            h, out = expert_forward(x, g, w1, w2, b1, b2, routing, act, store_h=save == "h")
+        else:
+            xs = x.index_select(0, routing.token_index)
+            h = _gate_up(xs, w1, b1, routing)
+            a_scaled = scaled_forward(act, h, g)
+            y = grouped_mm(a_scaled, w2, routing.offsets)
+            del a_scaled
+            if b2 is not None:
+                y += g.to(y.dtype).unsqueeze(1) * b2.index_select(0, routing.expert_index)
+            out = gather_sum(y, routing, x.dtype)
         ctx.routing, ctx.act = routing, act
         ctx.input_grad, ctx.weight_grad = input_grad, weight_grad
         ctx.gate_dtype = gate_weights.dtype
@@ -184,7 +189,7 @@ class ExpertMLPFunction(torch.autograd.Function):
         if need_g:
             dgate = torch.empty_like(dg).index_copy_(0, routing.order, dg)
             dgate = dgate.view(routing.num_tokens, routing.top_k).to(ctx.gate_dtype)
-        return dx, dgate, dw1, dw2, db1, db2, None, None, None, None, None
+        return dx, dgate, dw1, dw2, db1, db2, None, None, None, None, None, None
 
 
 def expert_mlp(
@@ -199,6 +204,7 @@ def expert_mlp(
     save: SaveMode | None = None,
     input_grad: bool | None = None,
     weight_grad: bool | None = None,
+    backend: Backend | None = None,
 ) -> torch.Tensor:
     """Routed expert MLP of ``x [T, H]``, summed over each token's ``top_k`` experts.
 
@@ -219,6 +225,9 @@ def expert_mlp(
             stays ``None``); ``None`` or ``True``: follow ``requires_grad``.
         Tensors that do not require grad never get one, whatever these say; the router
         weights' gradient follows their ``requires_grad`` only.
+        backend: ``"triton"`` runs the forward on the fused gather + grouped GEMM kernels;
+            ``None`` takes the process default (:func:`~groupmoe.ops.backend.set_backend`,
+            ``GROUPMOE_BACKEND``); ``"auto"``/``"torch"`` keep torch's grouped_mm.
     Returns:
         ``[T, H]`` in ``x``'s dtype, accumulated over the k slots in fp32.
     """
@@ -229,7 +238,7 @@ def expert_mlp(
     act = get_activation(activation)
     return ExpertMLPFunction.apply(x, gate_weights, w_gate_up, w_down, b_gate_up, b_down,
                                    routing, act, save, input_grad is not False,
-                                   weight_grad is not False)
+                                   weight_grad is not False, resolve_backend(backend, x, act))
 
 
 def expert_mlp_naive(
