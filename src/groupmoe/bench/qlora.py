@@ -86,6 +86,11 @@ def _sync(dev):
 
 def _step(mod, x, ids, gates, lora_params):
     out = mod(x, ids, gates)
+    if not out.requires_grad:
+        raise RuntimeError(f"{type(mod).__name__}: output has no autograd graph "
+                           f"(grad enabled: {torch.is_grad_enabled()}, x requires grad: "
+                           f"{x.requires_grad}, LoRA requires grad: "
+                           f"{[p.requires_grad for p in lora_params]})")
     out.backward(torch.ones_like(out))
     for p in lora_params + [x]:
         p.grad = None

@@ -54,7 +54,7 @@ def check_expert_ids(expert_ids: torch.Tensor, num_experts: int, where: str = "r
           f"shape {tuple(expert_ids.shape)}")
     check(num_experts >= 1, f"{where}: num_experts must be >= 1, got {num_experts}")
     if _VALIDATE and expert_ids.numel():
-        lo, hi = int(expert_ids.min()), int(expert_ids.max())
+        lo, hi = torch.stack(torch.aminmax(expert_ids)).tolist()  # one device sync
         if lo < 0 or hi >= num_experts:
             bad = ((expert_ids < 0) | (expert_ids >= num_experts)).nonzero()[0].tolist()
             raise ValueError(

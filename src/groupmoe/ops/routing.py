@@ -43,7 +43,9 @@ def build_routing(expert_ids: torch.Tensor, num_experts: int) -> Routing:
     expert_index, order = torch.sort(flat, stable=True)
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add instead of bincount: no device sync (bincount reads the max back)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat))
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
     return Routing(
         num_experts=num_experts,
