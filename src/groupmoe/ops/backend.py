@@ -2,13 +2,15 @@
 
 ``GROUPMOE_BACKEND`` / :func:`set_backend`:
 
-* ``auto`` (default): the Triton kernels that measured faster than torch on the device (fused
-  activation + router weight, gather-sum combine, bias/prob gradients) for CUDA tensors when
-  Triton is installed; torch everywhere else.
+* ``auto`` (default): for CUDA tensors with Triton installed, the kernels that measured faster
+  than torch on an H100 (benchmarks/RESULTS.md): fused activation + router weight, gather-sum
+  combine, bias/prob gradients always; the fused gather + grouped GEMM forward
+  (:mod:`groupmoe.kernels.grouped`) for experts with a down bias (gpt-oss: 1.38x forward,
+  1.10x forward+backward), where its epilogue absorbs the bias and activation passes. torch
+  grouped_mm for the rest (on par or faster there). torch everywhere else.
 * ``torch``: torch only (grouped_mm and elementwise ops): the reference.
-* ``triton``: also the fused gather + grouped GEMM forward kernels
-  (:mod:`groupmoe.kernels.grouped`), which are not yet faster than torch's grouped_mm; and,
-  under ``TRITON_INTERPRET=1``, the kernels on CPU tensors (how the CPU tests check them).
+* ``triton``: every Triton kernel, the fused-GEMM forward included; and, under
+  ``TRITON_INTERPRET=1``, the kernels on CPU tensors (how the CPU tests check them).
 
 fp64 always runs torch (the kernels accumulate in fp32).
 """
@@ -65,16 +67,19 @@ def _gemm_unsupported(x: torch.Tensor, act) -> str | None:
     return None
 
 
-def resolve_backend(backend: str | None, x: torch.Tensor, act) -> str:
+def resolve_backend(backend: str | None, x: torch.Tensor, act, down_bias: bool = False) -> str:
     """``"triton"`` when the fused-GEMM forward runs this call, else ``"torch"``.
 
-    ``backend`` (per call) overrides the process default; only ``"triton"`` selects the
-    fused-GEMM kernels, and it raises when they cannot run these inputs.
+    ``backend`` (per call) overrides the process default. ``"triton"`` raises when the kernels
+    cannot run these inputs; ``"auto"`` takes them for bf16/fp16 CUDA experts with a down bias.
     """
     backend = _backend if backend is None else backend
     check(backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend != "triton":
+    if backend == "torch":
         return "torch"
     why = _gemm_unsupported(x, act)
-    check(why is None, f"expert_mlp: backend='triton' cannot run: {why}")
-    return "triton"
+    if backend == "triton":
+        check(why is None, f"expert_mlp: backend='triton' cannot run: {why}")
+        return "triton"
+    fits = why is None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    return "triton" if fits and down_bias else "torch"

@@ -225,9 +225,10 @@ def expert_mlp(
             stays ``None``); ``None`` or ``True``: follow ``requires_grad``.
         Tensors that do not require grad never get one, whatever these say; the router
         weights' gradient follows their ``requires_grad`` only.
-        backend: ``"triton"`` runs the forward on the fused gather + grouped GEMM kernels;
-            ``None`` takes the process default (:func:`~groupmoe.ops.backend.set_backend`,
-            ``GROUPMOE_BACKEND``); ``"auto"``/``"torch"`` keep torch's grouped_mm.
+        backend: ``"triton"`` runs the forward on the fused gather + grouped GEMM kernels,
+            ``"torch"`` on torch's grouped_mm, ``"auto"`` picks per call (see
+            :mod:`groupmoe.ops.backend`); ``None`` takes the process default
+            (:func:`~groupmoe.ops.backend.set_backend`, ``GROUPMOE_BACKEND``).
     Returns:
         ``[T, H]`` in ``x``'s dtype, accumulated over the k slots in fp32.
     """
@@ -238,7 +239,8 @@ def expert_mlp(
     act = get_activation(activation)
     return ExpertMLPFunction.apply(x, gate_weights, w_gate_up, w_down, b_gate_up, b_down,
                                    routing, act, save, input_grad is not False,
-                                   weight_grad is not False, resolve_backend(backend, x, act))
+                                   weight_grad is not False,
+                                   resolve_backend(backend, x, act, b_down is not None))
 
 
 def expert_mlp_naive(
