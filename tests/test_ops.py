@@ -277,3 +277,21 @@ def test_save_default_from_environment(monkeypatch):
     case = make_case(4, 8, 4, 2, 1, torch.float64)
     with pytest.raises(ValueError, match="GROUPMOE_SAVE"):
         expert_mlp(case.x, build_routing(case.ids, 2), case.gates, case.w1, case.w2)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_gather_sum_is_differentiable(device):
+    """Composed paths (LoRA on experts) rely on gather_sum's autograd, also where a Triton
+    kernel computes it."""
+    from groupmoe.ops import gather_sum
+
+    r = build_routing(make_ids(9, 3, 5).to(device), 5)
+    rows = torch.randn(27, 16, device=device, dtype=torch.float32, requires_grad=True)
+    out = gather_sum(rows, r, torch.float32)
+    assert out.requires_grad
+    g = torch.randn_like(out)
+    out.backward(g)
+    ref_rows = rows.detach().clone().requires_grad_(True)
+    combine(ref_rows, r).backward(g)
+    assert rel_err(out, combine(ref_rows, r)) < 1e-6
+    assert rel_err(rows.grad, ref_rows.grad) < 1e-6

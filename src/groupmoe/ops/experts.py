@@ -72,12 +72,7 @@ def check_expert_args(
                       b_gate_up=b_gate_up, b_down=b_down, order=routing.order)
 
 
-def gather_sum(rows: torch.Tensor, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
-    """``out[t] = sum_s rows[sorted row of (t, s)]`` accumulated in fp32, cast once.
-
-    Deterministic (no atomics) and without an fp32 copy of ``rows``; on CUDA one Triton pass
-    without the gathered ``[T*k, H]`` copy either.
-    """
+def _gather_sum(rows: torch.Tensor, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
     if use_triton(rows):
         from ..kernels.combine import gather_sum as gather_sum_kernel
 
@@ -85,6 +80,30 @@ def gather_sum(rows: torch.Tensor, routing: Routing, dtype: torch.dtype) -> torc
     t, k = routing.num_tokens, routing.top_k
     picked = rows.index_select(0, routing.inverse).view(t, k, rows.shape[1])
     return picked.sum(1, dtype=accum_dtype(rows.dtype)).to(dtype)
+
+
+class GatherSumFunction(torch.autograd.Function):
+    """Autograd for :func:`gather_sum` (the Triton kernel has no autograd of its own)."""
+
+    @staticmethod
+    def forward(ctx, rows, routing: Routing, dtype: torch.dtype):
+        ctx.routing, ctx.rows_dtype = routing, rows.dtype
+        return _gather_sum(rows, routing, dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        return dout.index_select(0, ctx.routing.token_index).to(ctx.rows_dtype), None, None
+
+
+def gather_sum(rows: torch.Tensor, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
+    """``out[t] = sum_s rows[sorted row of (t, s)]`` accumulated in fp32, cast once.
+
+    Deterministic (no atomics) and without an fp32 copy of ``rows``; on CUDA one Triton pass
+    without the gathered ``[T*k, H]`` copy either. Differentiable in ``rows``.
+    """
+    if rows.requires_grad and torch.is_grad_enabled():
+        return GatherSumFunction.apply(rows, routing, dtype)
+    return _gather_sum(rows, routing, dtype)
 
 
 def bias_prob_grads(
