@@ -58,10 +58,11 @@ def test_torch_path_is_fp32_and_exact_for_bf16():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype,load", [(torch.float16, "single"), (torch.float32, "random")])
+@pytest.mark.parametrize("dtype,load", [(torch.float16, "single"), (torch.float32, "random"),
+                                        (torch.bfloat16, "skewed")])
 def test_bias_prob_kernel_at_gpt_oss_size_on_cuda(dtype, load):
-    """H=2880, E=32, N=32768 rows (fp16 with two experts holding every row, and fp32), with a
-    non-contiguous dy, against the torch formula."""
+    """H=2880, E=32, N=32768 rows (fp16 with two experts holding every row, fp32, and bf16
+    with half the experts empty), with a non-contiguous dy, against the torch formula."""
     t, k = 16384, 2
     r = build_routing(make_ids(t, k, 32, load).cuda(), 32)
     dy = torch.randn(t * k, 2880 + 64, device="cuda", dtype=dtype)[:, :2880]
