@@ -138,6 +138,10 @@ def _free_port():
 def test_two_stage_pipeline_zero_bubble_schedule_matches_plain_backward():
     """Two gloo processes, one stage each: F F F, B B B (dX only), W W W (pop) gives the
     gradients of plain single-process backward."""
+    _run_two("pipeline_zb_worker.py")
+
+
+def _run_two(worker: str) -> None:
     import os
     import subprocess
     import sys
@@ -147,9 +151,16 @@ def test_two_stage_pipeline_zero_bubble_schedule_matches_plain_backward():
     port = _free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH",
                                                                                  "")]))
-    procs = [subprocess.Popen([sys.executable, str(here / "pipeline_zb_worker.py"), str(r),
-                               str(port)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for r in range(2)]
-    outs = [p.communicate(timeout=120) for p in procs]
+    procs = [subprocess.Popen([sys.executable, str(here / worker), str(r), str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
     for r, (p, (out, err)) in enumerate(zip(procs, outs)):
         assert p.returncode == 0 and f"rank {r} ok" in out, err[-3000:]
+
+
+def test_torch_pipelining_interleaved_zero_bubble_with_store():
+    """torch.distributed.pipelining's ScheduleInterleavedZeroBubble (2 gloo ranks, 2 stages
+    each) with stages built with ``dw_builder=WEIGHT_GRAD_STORE.dw_builder``: the weight steps
+    run groupmoe's deferred dW, and every gradient equals plain backward."""
+    _run_two("pipeline_torch_zb_worker.py")

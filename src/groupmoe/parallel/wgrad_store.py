@@ -10,6 +10,12 @@ gradients stay eager (cheap). Disabled, nothing changes.
 
 torch calls a parameter's hooks during the dX half with no gradient (as for any Function
 that returns ``None`` for it); they run again, with the gradient, at ``pop()``.
+
+With ``torch.distributed.pipelining``: its zero-bubble schedules split backward along autograd
+edges, which cannot separate dX from dW inside one custom Function, but a stage built with
+``PipelineStage(..., dw_builder=WEIGHT_GRAD_STORE.dw_builder)`` runs each micro-batch's
+backward whole and calls the builder's runner in the schedule's weight step: enable the store
+around ``schedule.step(...)`` and groupmoe's dW work lands in those steps.
 """
 
 from __future__ import annotations
@@ -77,6 +83,23 @@ class WeightGradStore:
                                "pass first")
         for run in self._groups.popleft():
             run()
+
+    def dw_builder(self) -> Callable[[], None]:
+        """``torch.distributed.pipelining`` hook: ``PipelineStage(..., dw_builder=
+        store.dw_builder)``. The stage calls it right after a micro-batch's backward (run with
+        the store enabled); it closes that micro-batch's group and returns the runner the
+        schedule calls in its weight step (W of zero-bubble schedules)."""
+        group, self._current = self._current, []
+
+        def run() -> None:
+            for work in group:
+                work()
+
+        return run
+
+    def queued(self) -> int:
+        """Weight gradients queued in the current, not yet flushed, group."""
+        return len(self._current)
 
     def pending(self) -> int:
         """Flushed groups not yet popped."""
