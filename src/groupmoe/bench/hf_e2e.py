@@ -94,6 +94,36 @@ def bench_model(name, layers, batch, seq, smoke, device, dtype, repeat, log=prin
     return rows
 
 
+def profile_impl(name, impl, layers, batch, seq, smoke, device, dtype, rows=20) -> None:
+    """Kernel-level breakdown of one training step with one experts implementation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    import groupmoe
+
+    model = build(name, layers, smoke, device, dtype)
+    if impl == "groupmoe":
+        groupmoe.patch(model)
+    else:
+        model.config._experts_implementation = impl
+    x = torch.randn(batch, seq, model.config.hidden_size, device=device, dtype=dtype,
+                    requires_grad=True)
+
+    def step():
+        model.zero_grad(set_to_none=True)
+        model(inputs_embeds=x).last_hidden_state.float().pow(2).mean().backward()
+
+    for _ in range(2):
+        step()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(f"--- {name} {impl}")
+    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=50))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", nargs="+", default=list(REAL), choices=list(REAL))
@@ -103,12 +133,20 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--profile", nargs="*", default=None, metavar="IMPL",
+                   help="print a kernel breakdown of one step per implementation instead")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)  # show any fallback to a model's own forward
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.smoke:
         args.batch, args.seq, args.repeat = 1, 16, 1
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if args.profile is not None:
+        for name in args.models:
+            for impl in args.profile or ["grouped_mm", "groupmoe"]:
+                profile_impl(name, impl, args.layers, args.batch, args.seq, args.smoke, device,
+                             dtype)
+        return
     rows = []
     for name in args.models:
         rows += bench_model(name, args.layers, args.batch, args.seq, args.smoke, device, dtype,
