@@ -295,3 +295,18 @@ def test_gather_sum_is_differentiable(device):
     combine(ref_rows, r).backward(g)
     assert rel_err(out, combine(ref_rows, r)) < 1e-6
     assert rel_err(rows.grad, ref_rows.grad) < 1e-6
+
+
+def test_weight_grads_land_in_the_parameter_layout():
+    """nn.Linear-layout stacks passed as transposed views get gradients laid out like the
+    parameter (no strided copy when autograd accumulates them), with the same values."""
+    case = make_case(20, 16, 8, 4, 2, torch.float32)
+    w1p = torch.nn.Parameter(case.w1.detach().transpose(1, 2).contiguous())  # [E, 2I, H]
+    w2p = torch.nn.Parameter(case.w2.detach().transpose(1, 2).contiguous())  # [E, H, I]
+    ref, ref_grads, up = run(case, "loop")
+    out = expert_mlp(case.x, build_routing(case.ids, 4), case.gates, w1p.transpose(1, 2),
+                     w2p.transpose(1, 2))
+    out.backward(up)
+    assert w1p.grad.stride() == w1p.stride() and w2p.grad.stride() == w2p.stride()
+    assert rel_err(w1p.grad.transpose(1, 2), ref_grads["w1"]) < 1e-5
+    assert rel_err(w2p.grad.transpose(1, 2), ref_grads["w2"]) < 1e-5

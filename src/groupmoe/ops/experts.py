@@ -19,7 +19,7 @@ from .activations import Activation, get_activation, scaled_backward, scaled_for
 from .backend import Backend, resolve_backend, use_triton
 from .checks import check, check_same_device, check_same_dtype
 from .dtypes import accum_dtype, to_accum
-from .grouped_gemm import grouped_mm, grouped_mm_wgrad, segment_sum
+from .grouped_gemm import grouped_mm, grouped_wgrad_like, segment_sum
 from .grouped_linear import grouped_linear
 from .routing import Routing, combine
 
@@ -183,7 +183,7 @@ class ExpertMLPFunction(torch.autograd.Function):
         da_scaled = grouped_mm(dy, w2.transpose(-1, -2), offs)
         dh, a_scaled, dg = scaled_backward(act, h, g, da_scaled, need_w2, need_g)
         del da_scaled, h
-        dw2 = weight_grad(w2, lambda a=a_scaled, d=dy: grouped_mm_wgrad(a, d, offs).to(
+        dw2 = weight_grad(w2, lambda a=a_scaled, d=dy: grouped_wgrad_like(w2, a, d, offs).to(
             w2.dtype)) if need_w2 else None
         del a_scaled
         db2 = None
@@ -195,7 +195,8 @@ class ExpertMLPFunction(torch.autograd.Function):
         dw1 = None
         if need_w1:
             xs = x.index_select(0, routing.token_index)
-            dw1 = weight_grad(w1, lambda a=xs, d=dh: grouped_mm_wgrad(a, d, offs).to(w1.dtype))
+            dw1 = weight_grad(w1, lambda a=xs, d=dh: grouped_wgrad_like(w1, a, d, offs).to(
+                w1.dtype))
             del xs
         db1 = segment_sum(dh, routing.expert_index, routing.num_experts).to(b1.dtype) \
             if need_b1 else None

@@ -6,7 +6,7 @@ import torch
 
 from ..parallel.wgrad_store import weight_grad
 from .checks import check
-from .grouped_gemm import grouped_mm, grouped_mm_wgrad, segment_sum
+from .grouped_gemm import grouped_mm, grouped_wgrad_like, segment_sum
 
 
 class GroupedLinearFunction(torch.autograd.Function):
@@ -26,7 +26,7 @@ class GroupedLinearFunction(torch.autograd.Function):
         x, w, offs = ctx.saved_tensors
         dy = dy.contiguous()
         dx = grouped_mm(dy, w.transpose(-1, -2), offs) if ctx.needs_input_grad[0] else None
-        dw = weight_grad(w, lambda: grouped_mm_wgrad(x, dy, offs).to(w.dtype)) \
+        dw = weight_grad(w, lambda: grouped_wgrad_like(w, x, dy, offs).to(w.dtype)) \
             if ctx.needs_input_grad[1] else None
         return dx, dw, None
 
