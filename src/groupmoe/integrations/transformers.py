@@ -191,19 +191,20 @@ def patch(model: nn.Module) -> PatchReport:
     if v5:
         register()
         _link_peft_wrappers(model)
-    configs = {}
+    patched = []
     for name, module in v5:
         reason = _static_reason(module)
         if reason is not None:
             report.skipped[name or type(module).__name__] = reason
             continue
         _prepare(module)
-        configs[id(module.config)] = module.config
+        # the previous choice lives on the module, not the config (which is saved to disk)
+        if _PREVIOUS not in module.__dict__:
+            module.__dict__[_PREVIOUS] = module.config._experts_implementation
+        patched.append(module)
         report.patched.append(name)
-    for config in configs.values():
-        if not hasattr(config, _PREVIOUS):
-            setattr(config, _PREVIOUS, config._experts_implementation)
-        config._experts_implementation = IMPL_NAME
+    for module in patched:
+        module.config._experts_implementation = IMPL_NAME
     patch_modulelist_blocks(model, report)
     log.info("%s", report)
     return report
@@ -215,10 +216,8 @@ def unpatch(model: nn.Module) -> None:
 
     for module in model.modules():
         if _is_v5_experts(module):
-            config = module.config
-            if hasattr(config, _PREVIOUS):
-                config._experts_implementation = getattr(config, _PREVIOUS)
-                delattr(config, _PREVIOUS)
+            if _PREVIOUS in module.__dict__:
+                module.config._experts_implementation = module.__dict__.pop(_PREVIOUS)
             for attr in ("_groupmoe_act", "_groupmoe_peft_wrapper"):
                 if attr in module.__dict__:
                     delattr(module, attr)

@@ -8,8 +8,10 @@ through autograd itself, so accumulation over micro-batches, existing ``.grad``,
 parameters (``w.transpose(...)``) and parameter hooks behave as in eager backward. Bias
 gradients stay eager (cheap). Disabled, nothing changes.
 
-torch calls a parameter's hooks during the dX half with no gradient (as for any Function
-that returns ``None`` for it); they run again, with the gradient, at ``pop()``.
+Known limit: torch still calls a deferred parameter's hooks during the dX half, with
+``None`` (as for any Function that returns ``None`` for it), before calling them again with
+the gradient at ``pop()``; a tensor hook must therefore accept ``None`` (``register_hook(lambda
+g: g * 2)`` fails), and post-accumulate hooks run once more than in eager backward.
 
 With ``torch.distributed.pipelining``: its zero-bubble schedules split backward along autograd
 edges, which cannot separate dX from dW inside one custom Function, but a stage built with
