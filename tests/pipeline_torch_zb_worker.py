@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import PipelineStage, ScheduleInterleavedZeroBubble
 
+from dist_helpers import assert_grads_match, finish
 from groupmoe import MoEBlock
 from groupmoe.parallel import WEIGHT_GRAD_STORE
 
@@ -72,14 +73,9 @@ def main(rank, port):
         h = st(h)
     loss_fn(h, target).backward()
     for i in mine:
-        got = dict(stages_all[i].named_parameters())
-        for n, p in ref[i].named_parameters():
-            assert got[n].grad is not None, (i, n)
-            err = float((got[n].grad - p.grad).norm() / p.grad.norm().clamp_min(1e-300))
-            assert err < 1e-10, (i, n, err)
-    dist.barrier()
-    dist.destroy_process_group()
-    print(f"rank {rank} ok")
+        ref_grads = {n: p.grad for n, p in ref[i].named_parameters()}
+        assert_grads_match(stages_all[i].named_parameters(), ref_grads, 1e-10, i)
+    finish(rank)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from dist_helpers import assert_grads_match, finish
 from groupmoe import MoEBlock
 from groupmoe.parallel import WEIGHT_GRAD_STORE
 
@@ -70,13 +71,8 @@ def main(rank, port):
     # W steps: fill the bubble with the deferred weight gradients
     while WEIGHT_GRAD_STORE.pending():
         WEIGHT_GRAD_STORE.pop()
-    ref = reference(rank)
-    for n, p in block.named_parameters():
-        err = float((p.grad - ref[n]).norm() / ref[n].norm())
-        assert err < 1e-12, (rank, n, err)
-    dist.barrier()
-    dist.destroy_process_group()
-    print(f"rank {rank} ok")
+    assert_grads_match(block.named_parameters(), reference(rank), 1e-12, rank)
+    finish(rank)
 
 
 if __name__ == "__main__":

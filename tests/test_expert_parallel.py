@@ -6,13 +6,13 @@ One spawn per world size runs all cases (process start-up dominates the runtime)
 """
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dist_helpers import free_port
 from groupmoe.nn import GroupedExperts, MoEBlock
 from groupmoe.parallel import (
     WEIGHT_GRAD_STORE,
@@ -41,12 +41,6 @@ CASES = {
 TOL = 1e-11
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _entry(rank, world, port, fn):
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
@@ -57,7 +51,7 @@ def _entry(rank, world, port, fn):
 
 
 def _spawn(fn, world):
-    mp.spawn(_entry, args=(world, _free_port(), fn), nprocs=world, join=True)
+    mp.spawn(_entry, args=(world, free_port(), fn), nprocs=world, join=True)
 
 
 def _full_experts(case, activation, bias):

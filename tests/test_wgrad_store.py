@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from dist_helpers import free_port
 from groupmoe import MoEBlock
 from groupmoe.ops import build_routing, expert_mlp, grouped_linear
 from groupmoe.parallel import WEIGHT_GRAD_STORE, WeightGradStore, linear
@@ -127,14 +128,6 @@ def test_block_disabled_is_unchanged():
     assert not WEIGHT_GRAD_STORE.enabled and WEIGHT_GRAD_STORE.pending() == 0
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_stage_pipeline_zero_bubble_schedule_matches_plain_backward():
     """Two gloo processes, one stage each: F F F, B B B (dX only), W W W (pop) gives the
     gradients of plain single-process backward."""
@@ -148,7 +141,7 @@ def _run_two(worker: str) -> None:
     from pathlib import Path
 
     here = Path(__file__).parent
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(here), os.environ.get("PYTHONPATH",
                                                                                  "")]))
     procs = [subprocess.Popen([sys.executable, str(here / worker), str(r), str(port)], env=env,
