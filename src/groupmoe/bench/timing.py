@@ -14,6 +14,23 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def start_timer(device: torch.device) -> Callable[[], float]:
+    """Start timing now; the returned function gives the elapsed ms (CUDA events on GPU, so
+    it waits for the work queued so far; perf_counter on CPU)."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+
+        def stop() -> float:
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+
+        return stop
+    t0 = time.perf_counter()
+    return lambda: (time.perf_counter() - t0) * 1e3
+
+
 def median_ms(step: Callable[[int], None], device: torch.device, warmup: int = 3,
               repeat: int = 20) -> float:
     """Median wall time of ``step(i)`` in ms (CUDA events on GPU, perf_counter on CPU).
@@ -25,17 +42,9 @@ def median_ms(step: Callable[[int], None], device: torch.device, warmup: int = 3
     sync(device)
     times = []
     for i in range(repeat):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step(warmup + i)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            step(warmup + i)
-            times.append((time.perf_counter() - t0) * 1e3)
+        stop = start_timer(device)
+        step(warmup + i)
+        times.append(stop())
     return statistics.median(times)
 
 

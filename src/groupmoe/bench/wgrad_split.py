@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import torch
 
@@ -17,15 +16,7 @@ from ..ops import build_routing, expert_mlp
 from ..parallel import WEIGHT_GRAD_STORE
 from .layer import LayerProblem, environment
 from .shapes import SHAPES, SMOKE_SHAPE
-
-
-def _timer(device):
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        return lambda: (end.record(), end.synchronize(), start.elapsed_time(end))[-1]
-    t0 = time.perf_counter()
-    return lambda: (time.perf_counter() - t0) * 1e3
+from .timing import start_timer
 
 
 def split_times(prob: LayerProblem, repeat: int) -> dict[str, float]:
@@ -41,13 +32,13 @@ def split_times(prob: LayerProblem, repeat: int) -> dict[str, float]:
                 torch.cuda.synchronize()
             if split:
                 WEIGHT_GRAD_STORE.enable()
-            stop = _timer(prob.device)
+            stop = start_timer(prob.device)
             out.backward(dout)
             t_bwd = stop()
             if split:
                 WEIGHT_GRAD_STORE.flush()
                 WEIGHT_GRAD_STORE.disable()
-                stop = _timer(prob.device)
+                stop = start_timer(prob.device)
                 WEIGHT_GRAD_STORE.pop()
                 t_w = stop()
             if it >= 2:  # warm-up
