@@ -20,8 +20,8 @@ from torch import nn
 
 from ..ops.activations import SwiGLU
 from ..ops.experts import expert_mlp
+from ..ops.recompute import recompute_saved
 from ..ops.routing import build_routing
-from ..quant.experts import recompute_saved
 
 log = logging.getLogger("groupmoe")
 

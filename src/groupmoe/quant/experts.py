@@ -9,7 +9,6 @@ dequantize per stack, cheap next to the GEMMs). ``"cache"`` keeps the stacks sav
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -19,40 +18,12 @@ from ..lora.experts import ExpertLoRA, ExpertLoRAModule, expert_mlp_lora
 from ..ops.activations import get_activation
 from ..ops.checks import check
 from ..ops.experts import SaveMode, expert_mlp
+from ..ops.recompute import recompute_saved
 from ..ops.routing import build_routing
 from .nf4 import Backend, NF4Tensor, dequantize_nf4, quantize_nf4
 
 DequantMode = Literal["recompute", "cache"]
 Layout = Literal["out_in", "in_out"]
-
-
-class _Rebuild:
-    """What a saved view of a dequantized stack becomes on the tape: how to make it again."""
-
-    __slots__ = ("make", "size", "stride", "offset")
-
-    def __init__(self, make: Callable[[], torch.Tensor], t: torch.Tensor):
-        self.make, self.size, self.stride = make, t.size(), t.stride()
-        self.offset = t.storage_offset()
-
-
-@contextlib.contextmanager
-def recompute_saved(stacks: list[tuple[torch.Tensor, Callable[[], torch.Tensor]]]):
-    """Within the block, tensors saved for backward that view one of ``stacks`` (a dense
-    tensor and the function that rebuilds it) are not kept; backward calls the function."""
-    ptrs = {w.untyped_storage().data_ptr(): make for w, make in stacks}
-
-    def pack(t):
-        make = ptrs.get(t.untyped_storage().data_ptr()) if t.numel() else None
-        return _Rebuild(make, t) if make is not None else t
-
-    def unpack(p):
-        if isinstance(p, _Rebuild):
-            return p.make().as_strided(p.size, p.stride, p.offset)
-        return p
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
 
 
 def _transposed(w: torch.Tensor, layout: Layout) -> torch.Tensor:
