@@ -41,6 +41,8 @@ def main(rank, port):
                             world_size=2)
     block = build()[rank]
     acts = []
+    # the store decides deferral in forward: enable it before the forwards
+    WEIGHT_GRAD_STORE.enable()
     # forward of every micro-batch (stage 0 sends activations downstream)
     for x in batches():
         if rank == 0:
@@ -55,7 +57,6 @@ def main(rank, port):
             acts.append((y, z))
     # B steps: input gradients only, weight gradients queued per micro-batch
     for act in acts:
-        WEIGHT_GRAD_STORE.enable()
         if rank == 1:
             y, z = act
             z.pow(2).sum().backward()
@@ -65,7 +66,7 @@ def main(rank, port):
             dist.recv(dy, src=1)
             act.backward(dy)
         WEIGHT_GRAD_STORE.flush()
-        WEIGHT_GRAD_STORE.disable()
+    WEIGHT_GRAD_STORE.disable()
     deferred = [n for n, p in block.named_parameters() if "bias" not in n]
     assert deferred and all(dict(block.named_parameters())[n].grad is None for n in deferred)
     # W steps: fill the bubble with the deferred weight gradients

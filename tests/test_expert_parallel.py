@@ -78,10 +78,10 @@ def _check_parity(rank, world, seed, tokens, h, i, e, k, load, activation, bias,
     lo, hi = sum(tokens[:rank]), sum(tokens[:rank + 1])
     x = case.x.detach()[lo:hi].clone().requires_grad_(True)
     gates = case.gates.detach()[lo:hi].clone().requires_grad_(True)
-    out = ep(x, case.ids[lo:hi], gates)
     deferred = impl == "groupmoe" and save == "none"  # these cases also defer dW
     if deferred:
         WEIGHT_GRAD_STORE.enable()
+    out = ep(x, case.ids[lo:hi], gates)
     out.backward(up[lo:hi])
     if deferred:
         WEIGHT_GRAD_STORE.flush()

@@ -26,12 +26,12 @@ def split_times(prob: LayerProblem, repeat: int) -> dict[str, float]:
         x, ids, gates, dout, _ = prob.inputs[it % len(prob.inputs)]
         for split in (False, True):
             prob.clear_grads()
+            if split:  # deferral is decided in forward
+                WEIGHT_GRAD_STORE.enable()
             out = expert_mlp(x, build_routing(ids, prob.shape.experts), gates, prob.w1, prob.w2,
                              prob.b1, prob.b2, prob.act)
             if prob.device.type == "cuda":
                 torch.cuda.synchronize()
-            if split:
-                WEIGHT_GRAD_STORE.enable()
             stop = start_timer(prob.device)
             out.backward(dout)
             t_bwd = stop()

@@ -9,7 +9,7 @@ from torch import nn
 from ..ops.checks import check
 from ..ops.experts import SaveMode
 from ..ops.router import RouterKind
-from ..parallel.wgrad_store import linear
+from ..ops.wgrad import linear
 from .experts import GroupedExperts, Impl
 from .router import TopKRouter
 

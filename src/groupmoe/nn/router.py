@@ -7,7 +7,7 @@ from torch import nn
 
 from ..ops.checks import check
 from ..ops.router import RouterKind, route
-from ..parallel.wgrad_store import linear
+from ..ops.wgrad import linear
 
 
 class TopKRouter(nn.Module):

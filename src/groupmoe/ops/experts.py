@@ -14,7 +14,6 @@ from typing import Literal
 
 import torch
 
-from ..parallel.wgrad_store import weight_grad
 from .activations import Activation, get_activation, scaled_backward, scaled_forward
 from .backend import Backend, resolve_backend, use_triton
 from .checks import check, check_same_device, check_same_dtype
@@ -22,6 +21,7 @@ from .dtypes import accum_dtype, to_accum
 from .grouped_gemm import grouped_mm, grouped_wgrad_like, segment_sum
 from .grouped_linear import grouped_linear
 from .routing import Routing, combine
+from .wgrad import DeferredWeight, defer, weight_grad
 
 SaveMode = Literal["h", "none"]
 SAVE_MODES = ("h", "none")
@@ -138,12 +138,14 @@ class ExpertMLPFunction(torch.autograd.Function):
 
     Saved: ``x`` (the caller's tensor, not a permuted copy), the routing indices, the sorted
     router weights and, with ``save="h"``, the gate_up output ``h``; with ``save="none"``
-    backward recomputes ``h``. The down output is never saved.
+    backward recomputes ``h``. The down output is never saved. ``deferred`` (one entry per
+    weight, see :mod:`groupmoe.ops.wgrad`) sends dW of a detached weight to a store.
     """
 
     @staticmethod
     def forward(ctx, x, gate_weights, w1, w2, b1, b2, routing: Routing, act: Activation,
-                save: SaveMode, input_grad: bool, weight_grad: bool, backend: str):
+                save: SaveMode, input_grad: bool, weight_grad: bool, backend: str,
+                deferred: tuple[DeferredWeight | None, DeferredWeight | None]):
         g = gate_weights.reshape(-1).index_select(0, routing.order)
         if backend == "triton":  # fused gather + grouped GEMM forward kernels
             from ..kernels.experts import expert_forward
@@ -159,7 +161,7 @@ class ExpertMLPFunction(torch.autograd.Function):
                 y += g.to(y.dtype).unsqueeze(1) * b2.index_select(0, routing.expert_index)
             out = gather_sum(y, routing, x.dtype)
         ctx.routing, ctx.act = routing, act
-        ctx.input_grad, ctx.weight_grad = input_grad, weight_grad
+        ctx.input_grad, ctx.weight_grad, ctx.deferred = input_grad, weight_grad, deferred
         ctx.gate_dtype = gate_weights.dtype
         ctx.save_for_backward(x, g, w1, w2, b1, b2)
         # h is an intermediate, not an input or output: held on ctx (not save_for_backward)
@@ -183,8 +185,8 @@ class ExpertMLPFunction(torch.autograd.Function):
         da_scaled = grouped_mm(dy, w2.transpose(-1, -2), offs)
         dh, a_scaled, dg = scaled_backward(act, h, g, da_scaled, need_w2, need_g)
         del da_scaled, h
-        dw2 = weight_grad(w2, lambda a=a_scaled, d=dy: grouped_wgrad_like(w2, a, d, offs).to(
-            w2.dtype)) if need_w2 else None
+        defer_w1, defer_w2 = ctx.deferred
+        dw2 = weight_grad(defer_w2, need_w2, _wgrad, w2, a_scaled, dy, offs)
         del a_scaled
         db2 = None
         if b2 is not None and (need_g or need_b2):
@@ -192,12 +194,8 @@ class ExpertMLPFunction(torch.autograd.Function):
             db2 = db2_acc.to(b2.dtype) if need_b2 else None
             dg = dg + dprob if dg is not None else None
         del dy
-        dw1 = None
-        if need_w1:
-            xs = x.index_select(0, routing.token_index)
-            dw1 = weight_grad(w1, lambda a=xs, d=dh: grouped_wgrad_like(w1, a, d, offs).to(
-                w1.dtype))
-            del xs
+        dw1 = weight_grad(defer_w1, need_w1, _wgrad, w1, x.index_select(0, routing.token_index),
+                          dh, offs) if need_w1 else None
         db1 = segment_sum(dh, routing.expert_index, routing.num_experts).to(b1.dtype) \
             if need_b1 else None
         dx = None
@@ -209,7 +207,13 @@ class ExpertMLPFunction(torch.autograd.Function):
         if need_g:
             dgate = torch.empty_like(dg).index_copy_(0, routing.order, dg)
             dgate = dgate.view(routing.num_tokens, routing.top_k).to(ctx.gate_dtype)
-        return dx, dgate, dw1, dw2, db1, db2, None, None, None, None, None, None
+        return dx, dgate, dw1, dw2, db1, db2, None, None, None, None, None, None, None
+
+
+def _wgrad(w: torch.Tensor, a: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor
+           ) -> torch.Tensor:
+    """``dW[e] = a_e^T dy_e`` in ``w``'s own layout (transposed parameter views included)."""
+    return grouped_wgrad_like(w, a, dy, offs).to(w.dtype)
 
 
 def expert_mlp(
@@ -257,10 +261,13 @@ def expert_mlp(
           f"GROUPMOE_SAVE), got {save!r}")
     check_expert_args(x, routing, gate_weights, w_gate_up, w_down, b_gate_up, b_down)
     act = get_activation(activation)
-    return ExpertMLPFunction.apply(x, gate_weights, w_gate_up, w_down, b_gate_up, b_down,
+    w1, defer_w1 = defer(w_gate_up)
+    w2, defer_w2 = defer(w_down)
+    return ExpertMLPFunction.apply(x, gate_weights, w1, w2, b_gate_up, b_down,
                                    routing, act, save, input_grad is not False,
                                    weight_grad is not False,
-                                   resolve_backend(backend, x, act, b_down is not None))
+                                   resolve_backend(backend, x, act, b_down is not None),
+                                   (defer_w1, defer_w2))
 
 
 def expert_mlp_naive(

@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import torch
 
-from ..parallel.wgrad_store import weight_grad
 from .checks import check
 from .grouped_gemm import grouped_mm, grouped_wgrad_like, segment_sum
+from .wgrad import DeferredWeight, defer, weight_grad
 
 
 class GroupedLinearFunction(torch.autograd.Function):
     """``y = grouped_mm(x, w, offs)`` with ``w [G, K, N]``.
 
     Backward: ``dx = grouped_mm(dy, w^T)``, ``dw[g] = x_g^T dy_g``. ``x`` is saved only when
-    ``w`` needs a gradient; the weight gradient is skipped for frozen weights.
+    ``w`` needs a gradient; the weight gradient is skipped for frozen weights. With
+    ``deferred`` (see :mod:`groupmoe.ops.wgrad`) ``w`` is a detached alias and dW goes to a
+    weight-gradient store.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor,
+                deferred: DeferredWeight | None = None) -> torch.Tensor:
+        ctx.deferred = deferred
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w, offs)
         return grouped_mm(x, w, offs)
 
@@ -26,9 +30,14 @@ class GroupedLinearFunction(torch.autograd.Function):
         x, w, offs = ctx.saved_tensors
         dy = dy.contiguous()
         dx = grouped_mm(dy, w.transpose(-1, -2), offs) if ctx.needs_input_grad[0] else None
-        dw = weight_grad(w, lambda: grouped_wgrad_like(w, x, dy, offs).to(w.dtype)) \
-            if ctx.needs_input_grad[1] else None
-        return dx, dw, None
+        dw = weight_grad(ctx.deferred, ctx.needs_input_grad[1], _wgrad, w, x, dy, offs)
+        return dx, dw, None, None
+
+
+def _wgrad(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor
+           ) -> torch.Tensor:
+    """dW in ``w``'s own layout (a transposed parameter view gets a matching gradient)."""
+    return grouped_wgrad_like(w, x, dy, offs).to(w.dtype)
 
 
 class GroupBiasFunction(torch.autograd.Function):
@@ -64,7 +73,8 @@ def grouped_linear(
     gradient is computed eagerly (cheap next to the weight gradient, never deferred).
     """
     check(x.dim() == 2, f"grouped_linear: x must be [rows, in], got {tuple(x.shape)}")
-    out = GroupedLinearFunction.apply(x, weight, offsets)
+    w, deferred = defer(weight)
+    out = GroupedLinearFunction.apply(x, w, offsets, deferred)
     if bias is not None:
         check(group_index is not None, "grouped_linear: a bias needs group_index (row -> group)")
         check(bias.shape == (weight.shape[0], weight.shape[2]),
