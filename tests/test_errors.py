@@ -19,6 +19,14 @@ def test_expert_id_out_of_range():
         build_routing(torch.tensor([[0, -1]]), 4)
 
 
+def test_trusted_ids_skip_only_the_value_check():
+    """``check_ids=False`` (ids from topk) skips the range check, not the dtype/shape checks."""
+    assert build_routing(torch.tensor([[0, 3]]), 4, check_ids=False).counts.tolist() == [1, 0,
+                                                                                        0, 1]
+    with pytest.raises(ValueError, match="integer"):
+        build_routing(torch.tensor([[0.0, 1.0]]), 4, check_ids=False)
+
+
 def test_expert_ids_wrong_rank_or_dtype():
     with pytest.raises(ValueError, match=r"\[tokens, top_k\]"):
         build_routing(torch.tensor([0, 1]), 4)

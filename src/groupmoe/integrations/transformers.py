@@ -140,7 +140,9 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
     if reason is not None:
         _warn_once(module, reason)
         return _original_forward(module)(module, hidden_states, top_k_index, top_k_weights)
-    routing = build_routing(top_k_index, module.num_experts)
+    # the model's router takes top_k_index from topk over num_experts scores: in range by
+    # construction, so the range check's device sync is skipped
+    routing = build_routing(top_k_index, module.num_experts, check_ids=False)
     w1, w2 = _weights(module, "gate_up_proj"), _weights(module, "down_proj")
     b1 = _raw(module, "gate_up_proj_bias") if module.has_bias else None
     b2 = _raw(module, "down_proj_bias") if module.has_bias else None

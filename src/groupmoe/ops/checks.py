@@ -45,7 +45,10 @@ def check_same_dtype(where: str, **tensors: torch.Tensor | None) -> None:
         raise ValueError(f"{where}: tensors must share one dtype, got {desc}")
 
 
-def check_expert_ids(expert_ids: torch.Tensor, num_experts: int, where: str = "routing") -> None:
+def check_expert_ids(expert_ids: torch.Tensor, num_experts: int, where: str = "routing",
+                     values: bool = True) -> None:
+    """dtype and shape always; the values' range too (one device sync) when ``values`` and
+    validation is on."""
     check(
         expert_ids.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8),
         f"{where}: expert ids must be an integer tensor, got {expert_ids.dtype}",
@@ -53,7 +56,7 @@ def check_expert_ids(expert_ids: torch.Tensor, num_experts: int, where: str = "r
     check(expert_ids.dim() == 2, f"{where}: expert ids must be [tokens, top_k], got "
           f"shape {tuple(expert_ids.shape)}")
     check(num_experts >= 1, f"{where}: num_experts must be >= 1, got {num_experts}")
-    if _VALIDATE and expert_ids.numel():
+    if values and _VALIDATE and expert_ids.numel():
         lo, hi = torch.stack(torch.aminmax(expert_ids)).tolist()  # one device sync
         if lo < 0 or hi >= num_experts:
             bad = ((expert_ids < 0) | (expert_ids >= num_experts)).nonzero()[0].tolist()

@@ -35,9 +35,15 @@ class Routing:
         return self.order.numel()
 
 
-def build_routing(expert_ids: torch.Tensor, num_experts: int) -> Routing:
-    """Sort the ``[T, k]`` expert ids by expert (stable) and derive counts, offsets, inverse."""
-    check_expert_ids(expert_ids, num_experts)
+def build_routing(expert_ids: torch.Tensor, num_experts: int, *, check_ids: bool = True
+                  ) -> Routing:
+    """Sort the ``[T, k]`` expert ids by expert (stable) and derive counts, offsets, inverse.
+
+    ``check_ids=False`` skips the range check of the ids' values (and the device sync it costs,
+    see :func:`~groupmoe.ops.set_validation`) for ids that are in range by construction, such
+    as ``topk`` indices over ``num_experts`` scores; dtype and shape are still checked.
+    """
+    check_expert_ids(expert_ids, num_experts, values=check_ids)
     top_k = expert_ids.shape[1]
     flat = expert_ids.reshape(-1).long()
     expert_index, order = torch.sort(flat, stable=True)
