@@ -224,28 +224,30 @@ def test_loaded_in_4bit_note():
     assert not groupmoe.patch(model).notes
 
 
-@pytest.mark.gpu
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("name", ["qwen3_moe", "gpt_oss"])
-def test_bitsandbytes_config_on_cuda(name, tmp_path):
-    """A tiny model loaded with a real BitsAndBytesConfig (4-bit attention), experts quantized by
-    groupmoe, LoRA on attention: patched against the unpatched quantized model (bf16)."""
+def test_bitsandbytes_config(name, device, tmp_path):
+    """A tiny model loaded with a real BitsAndBytesConfig (4-bit attention; transformers leaves
+    the stacked experts bf16), experts quantized by groupmoe, LoRA on attention: patched against
+    the unpatched quantized model (bf16). bitsandbytes 0.50 also runs 4-bit on CPU."""
     pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")  # transformers' bitsandbytes quantizer needs it
     transformers = pytest.importorskip("transformers")
-    big = dict(hidden_size=128, intermediate_size=64, head_dim=32)
-    build(name, num_hidden_layers=1, **big,
-          **({"layer_types": ["full_attention"]} if name == "gpt_oss" else {})
-          ).save_pretrained(tmp_path)
+    one = dict(num_hidden_layers=1, hidden_size=128, head_dim=32)
+    if name == "gpt_oss":
+        one["layer_types"] = ["full_attention"]
+    tiny = build(name, **one)
+    tiny.save_pretrained(tmp_path)
     cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                           bnb_4bit_use_double_quant=True,
                                           bnb_4bit_compute_dtype=torch.bfloat16)
-    cls = type(build(name, num_hidden_layers=1))
-    model = cls.from_pretrained(tmp_path, quantization_config=cfg, dtype=torch.bfloat16,
-                                device_map="cuda")
+    model = type(tiny).from_pretrained(tmp_path, quantization_config=cfg, dtype=torch.bfloat16,
+                                       device_map=device)
     assert any(type(p).__name__ == "Params4bit" for p in model.parameters())
     report = groupmoe.quantize_experts(model, nested=True)
     assert report.quantized, "transformers quantized the stacked experts itself: check the path"
     model = _peft(model, [], 0)
-    ids = tokens().cuda()
+    ids = tokens().to(device)
     ref_logits, _, ref_grads = step(model, ids)
     report = groupmoe.patch(model)
     assert report.quantized and not report.notes, str(report)
@@ -254,3 +256,14 @@ def test_bitsandbytes_config_on_cuda(name, tmp_path):
     assert grads.keys() == ref_grads.keys() and grads
     for n in grads:
         assert rel_err(grads[n], ref_grads[n]) < 5e-2, n
+
+
+def test_params4bit_without_a_grouped_run_fails_clearly():
+    model = build("qwen3_moe")
+    _quantize(model, "params4bit", False)
+    groupmoe.patch(model)
+    experts = _experts(model)[0]
+    x = torch.randn(5, 32, dtype=torch.float64)  # a dtype the 4-bit path does not compute in
+    ids, w = torch.randint(0, 8, (5, 2)), torch.rand(5, 2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="Params4bit.*float64"):
+        experts(x, ids, w)

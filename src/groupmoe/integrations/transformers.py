@@ -174,6 +174,11 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
     if stacks is not None and wrapper is not None:
         _check_peft_on_4bit(module, wrapper, reason)
     if reason is not None:
+        if stacks is not None and any(type(getattr(module, n)).__name__ == "Params4bit"
+                                      for n in ("gate_up_proj", "down_proj")):
+            raise ValueError(f"groupmoe: {type(module).__name__} holds bitsandbytes Params4bit "
+                             f"expert stacks, which its own forward cannot run, and groupmoe "
+                             f"cannot run them here: {reason}")
         _warn_once(module, reason)
         return _original_forward(module)(module, hidden_states, top_k_index, top_k_weights)
     if stacks is not None:
