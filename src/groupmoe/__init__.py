@@ -25,9 +25,17 @@ def patched(model):
 
     return _patched(model)
 
+def quantize_experts(model, blocksize: int = 64, nested: bool = False):
+    """Convert a transformers 5 MoE model's expert stacks to NF4 in place; see
+    :func:`groupmoe.integrations.quantize_experts`."""
+    from .integrations.quantized import quantize_experts as _quantize
+
+    return _quantize(model, blocksize=blocksize, nested=nested)
+
+
 __version__ = "0.1.0"
 
 __all__ = [
     "GroupedExperts", "MoEBlock", "TopKRouter", "build_routing", "expert_mlp", "nn", "ops",
-    "patch", "patched", "route", "set_validation", "unpatch", "__version__",
+    "patch", "patched", "quantize_experts", "route", "set_validation", "unpatch", "__version__",
 ]

@@ -10,6 +10,7 @@ blocks; :mod:`groupmoe.integrations.modulelist` patches those.
 
 Each call checks eligibility again (device, dtype, quantized or LoRA-wrapped weights) and runs
 the model's original forward, with a one-time warning that says why, where groupmoe cannot.
+4-bit (NF4) expert stacks run grouped too: see :mod:`groupmoe.integrations.quantized`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,13 @@ from torch import nn
 from ..ops.activations import Activation, GptOssGLU, SwiGLU
 from ..ops.experts import expert_mlp
 from ..ops.routing import build_routing
+from .quantized import (
+    base_class_name,
+    describe,
+    peft_wrapper_forward,
+    quantized_forward,
+    quantized_stacks,
+)
 
 log = logging.getLogger("groupmoe")
 IMPL_NAME = "groupmoe"
@@ -39,10 +47,16 @@ class PatchReport:
 
     patched: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
+    quantized: dict[str, str] = field(default_factory=dict)  # patched modules with 4-bit stacks
+    notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"groupmoe: patched {len(self.patched)} experts module(s)"]
+        if self.quantized:
+            kinds = sorted(set(self.quantized.values()))
+            lines.append(f"  {len(self.quantized)} with 4-bit experts: {', '.join(kinds)}")
         lines += [f"  skipped {name}: {why}" for name, why in self.skipped.items()]
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -69,7 +83,7 @@ def _activation(module: nn.Module) -> Activation | str:
         return "experts without a gate projection"
     if getattr(module, "has_post_expert_norm", False):
         return "post-expert norm"
-    if type(module).__name__ == "GptOssExperts" and not module.is_concatenated:
+    if base_class_name(module) == "GptOssExperts" and not module.is_concatenated:
         return GptOssGLU(alpha=float(module.alpha), limit=float(module.limit))
     apply_gate = getattr(type(module), "_apply_gate", None)
     if not module.is_concatenated or getattr(apply_gate, "__name__", "") != "_default_apply_gate":
@@ -92,12 +106,20 @@ def _static_reason(module: nn.Module) -> str | None:
     w = _raw(module, "gate_up_proj")
     if w is None or _raw(module, "down_proj") is None:
         return "no gate_up_proj/down_proj stacks"
-    if not w.is_floating_point():
+    q = quantized_stacks(module)
+    if isinstance(q, str):
+        return q
+    if q is None and not w.is_floating_point():
         return f"quantized weights ({w.dtype})"
     return None
 
 
-def _runtime_reason(module: nn.Module, x: torch.Tensor) -> str | None:
+def _runtime_reason(module: nn.Module, x: torch.Tensor,
+                    stacks: tuple | str | None) -> str | None:
+    if isinstance(stacks, str):
+        return stacks
+    if stacks is not None:
+        return _quantized_runtime_reason(stacks[0], x)
     w = _raw(module, "gate_up_proj")
     if not w.is_floating_point() or w.dtype != x.dtype:
         return f"hidden states {x.dtype} vs expert weights {w.dtype}"
@@ -107,6 +129,16 @@ def _runtime_reason(module: nn.Module, x: torch.Tensor) -> str | None:
         return "fp32 on CUDA (grouped GEMM kernels are bf16/fp16)"
     if nn.utils.parametrize.is_parametrized(module) and _peft_wrapper(module) is None:
         return "parametrized expert weights without a readable peft adapter"
+    return None
+
+
+def _quantized_runtime_reason(w, x: torch.Tensor) -> str | None:
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return f"hidden states {x.dtype} (4-bit experts compute in bf16/fp16/fp32)"
+    if w.device != x.device:
+        return f"hidden states on {x.device}, experts on {w.device}"
+    if x.is_cuda and x.dtype == torch.float32:
+        return "fp32 on CUDA (grouped GEMM kernels are bf16/fp16)"
     return None
 
 
@@ -136,17 +168,33 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
     if act is None:  # selected through the config without groupmoe.patch
         reason = _static_reason(module)
         act = None if reason else _prepare(module)
-    reason = reason or _runtime_reason(module, hidden_states)
+    stacks = quantized_stacks(module)
+    reason = reason or _runtime_reason(module, hidden_states, stacks)
+    wrapper = _peft_wrapper(module)
+    if stacks is not None and wrapper is not None:
+        _check_peft_on_4bit(module, wrapper, reason)
     if reason is not None:
+        if stacks is not None and any(type(getattr(module, n)).__name__ == "Params4bit"
+                                      for n in ("gate_up_proj", "down_proj")):
+            raise ValueError(f"groupmoe: {type(module).__name__} holds bitsandbytes Params4bit "
+                             f"expert stacks, which its own forward cannot run, and groupmoe "
+                             f"cannot run them here: {reason}")
         _warn_once(module, reason)
         return _original_forward(module)(module, hidden_states, top_k_index, top_k_weights)
+    if stacks is not None:
+        lora = None
+        if wrapper is not None:
+            from ..lora.peft import lora_from_peft_param_wrapper
+
+            lora = lora_from_peft_param_wrapper(wrapper)
+        return quantized_forward(module, stacks, act, hidden_states, top_k_index,
+                                 top_k_weights, lora)
     # the model's router takes top_k_index from topk over num_experts scores: in range by
     # construction, so the range check's device sync is skipped
     routing = build_routing(top_k_index, module.num_experts, check_ids=False)
     w1, w2 = _weights(module, "gate_up_proj"), _weights(module, "down_proj")
     b1 = _raw(module, "gate_up_proj_bias") if module.has_bias else None
     b2 = _raw(module, "down_proj_bias") if module.has_bias else None
-    wrapper = _peft_wrapper(module)
     if wrapper is not None and nn.utils.parametrize.is_parametrized(module):
         from ..lora.experts import expert_mlp_lora
         from ..lora.peft import lora_from_peft_param_wrapper
@@ -154,6 +202,22 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
         lora = lora_from_peft_param_wrapper(wrapper)
         return expert_mlp_lora(hidden_states, routing, top_k_weights, w1, w2, lora, b1, b2, act)
     return expert_mlp(hidden_states, routing, top_k_weights, w1, w2, b1, b2, act)
+
+
+def _check_peft_on_4bit(module: nn.Module, wrapper: nn.Module, reason: str | None) -> None:
+    """peft cannot apply LoRA to (or merge it into) a 4-bit stack itself, so LoRA on 4-bit
+    experts has no fallback: fail clearly instead of silently running without the adapters."""
+    from ..lora.peft import lora_from_peft_param_wrapper, unwrap_param_wrappers
+
+    _, wrappers = unwrap_param_wrappers(wrapper)
+    if any(getattr(w, "merged", False) for w in wrappers.values()):
+        raise ValueError(f"groupmoe: LoRA merged into the 4-bit experts of "
+                         f"{type(module).__name__}: a 4-bit stack cannot hold a merged adapter "
+                         f"(peft's merge leaves it unchanged); unmerge the adapter")
+    if reason is not None and lora_from_peft_param_wrapper(wrapper) is not None:
+        raise ValueError(f"groupmoe: {type(module).__name__} has peft LoRA on 4-bit experts but "
+                         f"cannot run them ({reason}), and peft cannot apply LoRA to 4-bit "
+                         f"stacks itself")
 
 
 def _prepare(module: nn.Module) -> Activation:
@@ -177,6 +241,8 @@ def _link_peft_wrappers(model: nn.Module) -> None:
             base, _ = unwrap_param_wrappers(module)
             if _peft_wrapper(base) is None:
                 base._groupmoe_peft_wrapper = weakref.ref(module)
+                if quantized_stacks(base) is not None:  # peft cannot parametrize 4-bit stacks
+                    module.forward = peft_wrapper_forward(module)
 
 
 def patch(model: nn.Module) -> PatchReport:
@@ -199,6 +265,9 @@ def patch(model: nn.Module) -> PatchReport:
         if reason is not None:
             report.skipped[name or type(module).__name__] = reason
             continue
+        quant = describe(module)
+        if quant is not None:
+            report.quantized[name] = quant
         _prepare(module)
         # the previous choice lives on the module, not the config (which is saved to disk)
         if _PREVIOUS not in module.__dict__:
@@ -207,6 +276,11 @@ def patch(model: nn.Module) -> PatchReport:
         report.patched.append(name)
     for module in patched:
         module.config._experts_implementation = IMPL_NAME
+    if getattr(model, "is_loaded_in_4bit", False) and len(report.quantized) < len(patched):
+        report.notes.append(
+            "the model is loaded in 4-bit but some experts are not: transformers' bitsandbytes "
+            "integration leaves stacked experts in their dtype; groupmoe.quantize_experts(model) "
+            "converts them to NF4")
     patch_modulelist_blocks(model, report)
     log.info("%s", report)
     return report
@@ -217,6 +291,8 @@ def unpatch(model: nn.Module) -> None:
     from .modulelist import unpatch_modulelist_blocks
 
     for module in model.modules():
+        if type(module).__name__ == "ParamWrapper" and "forward" in module.__dict__:
+            del module.forward
         if _is_v5_experts(module):
             if _PREVIOUS in module.__dict__:
                 module.config._experts_implementation = module.__dict__.pop(_PREVIOUS)

@@ -174,17 +174,23 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, nested: bool = False) -> 
     if n % 2:  # bitsandbytes pads an odd count with the code of 0.0
         q = torch.nn.functional.pad(q, (0, 1), value=7)
     packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
-    if not nested:
-        return NF4Tensor(packed, absmax, w.shape, w.dtype, blocksize)
+    t = NF4Tensor(packed, absmax, w.shape, w.dtype, blocksize)
+    return nest_absmax(t) if nested else t
+
+
+def nest_absmax(t: NF4Tensor) -> NF4Tensor:
+    """``t`` with its fp32 absmax quantized like bitsandbytes' ``compress_statistics``
+    (so a stack quantized in chunks can be nested once, over all its scales)."""
+    check(not t.nested, "nest_absmax: the absmax is nested already")
+    absmax = t.absmax
     offset = absmax.mean()
     centred = absmax - offset
     blocks2, absmax2 = _blockwise_absmax(centred, 256)
-    code2 = dynamic_code(w.device)
+    code2 = dynamic_code(absmax.device)
     scaled2 = (blocks2 / absmax2.unsqueeze(1)).reshape(-1)[: centred.numel()]
     scaled2 = scaled2.nan_to_num(nan=-1.0)  # an all-zero block (0/0): code 0, as bitsandbytes
     qabs = _nearest(scaled2, code2).to(torch.uint8)
-    return NF4Tensor(packed, qabs, w.shape, w.dtype, blocksize, absmax2=absmax2, code2=code2,
-                     offset=offset)
+    return replace(t, absmax=qabs, absmax2=absmax2, code2=code2, offset=offset)
 
 
 def absmax_fp32(t: NF4Tensor) -> torch.Tensor:
