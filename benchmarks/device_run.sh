@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests and the benchmarks, results under $OUT. Stages: tests layer
-# layer32k memory wgrad hf qlora kernels profile (default: all but kernels). Run from the repository root.
+# layer32k memory wgrad hf qlora kernels peers profile (default: all but kernels and peers;
+# peers needs liger-kernel's wheel in .whl). Run from the repository root.
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -27,6 +28,9 @@ for s in $stages; do
     qlora) python3 -m groupmoe.bench.qlora --out "$OUT/qlora.json" 2>&1 | tail -12 ;;
     kernels) timeout 480 python3 -m groupmoe.bench.kernels --out "$OUT/kernels.json" 2>&1 \
                | tail -40 ;;
+    peers) LIGER_FUSED_MOE_AUTOTUNE=${LIGER_FUSED_MOE_AUTOTUNE:-0} timeout 240 python3 -m groupmoe \
+             bench --shapes qwen3-30b-a3b olmoe-1b-7b mixtral-8x7b --modes train \
+             --impls groupmoe liger dense --out "$OUT/peers.json" ;;
     profile) python3 -m groupmoe.bench.profile --shape qwen3-30b-a3b --rows 14 2>&1 \
                | cut -c1-60,100-170 | tail -20 ;;
   esac

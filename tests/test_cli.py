@@ -55,6 +55,14 @@ def test_bench_recompute_impl_runs():
     assert [r.impl for r in rows] == ["groupmoe", "groupmoe-recompute"]
 
 
+def test_bench_peer_unavailable_is_reported_not_timed():
+    logs = []
+    rows = bench_layer([SMOKE_SHAPE], 16, modes=("train",), impls=("liger", "dense"), repeat=2,
+                       device="cpu", log=logs.append)
+    assert [r.impl for r in rows] == ["dense"]
+    assert any("liger" in line and "skipped: needs CUDA" in line for line in logs)
+
+
 def test_wgrad_split_bench_smoke(tmp_path):
     out = tmp_path / "w.json"
     subprocess.run([sys.executable, "-m", "groupmoe.bench.wgrad_split", "--smoke", "--repeat",

@@ -2,7 +2,8 @@
 
 Implementations: ``loop`` (per-expert reference), ``naive`` (sort + grouped_mm + plain
 autograd), ``groupmoe`` (the fused memory-lean Function, ``save="h"``),
-``groupmoe-recompute`` (``save="none"``), and ``dense``: the same FLOPs as one
+``groupmoe-recompute`` (``save="none"``), peers (:mod:`groupmoe.bench.peers`: ``liger``) and
+``dense``: the same FLOPs as one
 dense GEMM chain ``act(x W1) W2`` over ``T*k`` rows, i.e. the GPU's speed at this work with
 routing free. Modes: ``train`` (expert weights get gradients, 3 GEMM passes) and ``frozen``
 (only dX, 2 passes).
@@ -19,10 +20,11 @@ import torch
 
 from ..ops import build_routing, expert_mlp, expert_mlp_naive, expert_mlp_reference, route
 from ..ops.activations import get_activation
+from .peers import PEERS, liger_step, unavailable
 from .shapes import SHAPES, SMOKE_SHAPE, Shape
 from .timing import median_ms, peak_extra_bytes
 
-IMPLS = ("loop", "naive", "groupmoe", "groupmoe-recompute", "dense")
+IMPLS = ("loop", "naive", "groupmoe", "groupmoe-recompute", *PEERS, "dense")
 DEFAULT_IMPLS = ("loop", "naive", "groupmoe", "dense")
 MODES = ("train", "frozen")
 
@@ -82,6 +84,8 @@ class LayerProblem:
             t.grad = None
 
     def step_fn(self, impl: str):
+        if impl == "liger":
+            return liger_step(self)
         weights = (self.w1, self.w2, self.b1, self.b2, self.act)
 
         def step(it: int) -> None:
@@ -119,6 +123,10 @@ def bench_layer(shapes, tokens: int, modes=MODES, impls=DEFAULT_IMPLS, device=No
             prob = LayerProblem(shape, tokens, mode, device, dtype)
             by_impl: dict[str, Row] = {}
             for impl in impls:
+                why = unavailable(impl, shape, device) if impl in PEERS else None
+                if why:
+                    log(f"  {shape.name:14s} {mode:6s} {impl:9s} skipped: {why}")
+                    continue
                 step = prob.step_fn(impl)
                 reps = max(3, repeat // 4) if impl == "loop" else repeat
                 try:
