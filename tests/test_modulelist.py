@@ -1,7 +1,5 @@
 """transformers 4.x-style ModuleList MoE blocks (synthetic stand-ins with the 4.x class names
-and per-expert loop), patched to the grouped path; plus a real 4.x install when present."""
-
-import importlib.metadata
+and per-expert loop), patched to the grouped path. The real 4.x models: test_transformers4.py."""
 
 import pytest
 import torch
@@ -184,28 +182,3 @@ def test_weight_stacks_are_rebuilt_not_kept(monkeypatch):
     assert calls["gate_up"] >= 2 and calls["down"] >= 2
     assert all(e.gate_proj.weight.grad is not None and e.down_proj.weight.grad is not None
                for e in model.block.experts)
-
-
-def _transformers_major():
-    try:
-        return int(importlib.metadata.version("transformers").split(".")[0])
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-@pytest.mark.transformers4
-@pytest.mark.skipif(_transformers_major() != 4, reason="needs a transformers 4.x install")
-def test_real_transformers4_qwen3_moe():
-    import transformers as t
-
-    cfg = t.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                           moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
-                           head_dim=8)
-    model = t.Qwen3MoeForCausalLM(cfg)
-    ids = torch.randint(0, 64, (2, 9))
-    ref = model(ids, labels=ids)
-    report = groupmoe.patch(model)
-    assert len(report.patched) == 2
-    out = model(ids, labels=ids)
-    assert rel_err(out.logits, ref.logits) < 1e-5
