@@ -111,7 +111,7 @@ def _run(model, x, seed=3):
     hidden = out[0] if isinstance(out, tuple) else out
     loss = hidden.pow(2).sum() + (out[1].sum() if isinstance(out, tuple) else 0)
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, x.grad, grads
 
 
@@ -182,3 +182,104 @@ def test_weight_stacks_are_rebuilt_not_kept(monkeypatch):
     assert calls["gate_up"] >= 2 and calls["down"] >= 2
     assert all(e.gate_proj.weight.grad is not None and e.down_proj.weight.grad is not None
                for e in model.block.experts)
+
+
+# ----- peft LoRA on the experts' Linears, run grouped -----
+
+def _peft_block(name, seed=0, **lora_kw):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    model = Model(BLOCKS[name]()).double().train()
+    mixtral = name.startswith("mixtral")
+    targets = lora_kw.pop("targets", ["w1", "w3", "w2"] if mixtral else
+                          ["gate_proj", "up_proj", "down_proj"])
+    cfg = peft.LoraConfig(**{"r": 3, "lora_alpha": 5, "target_modules": targets,
+                             "init_lora_weights": False, **lora_kw})
+    model = peft.get_peft_model(model, cfg).double()
+    return peft, model
+
+
+def _lora_run(model, x, seed=3):
+    out, dx, grads = _run(model, x, seed)
+    return (out[0] if isinstance(out, tuple) else out), dx, grads
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+@pytest.mark.parametrize("targets", ["all", "up", "gate_down"])
+def test_peft_lora_on_expert_linears_runs_grouped(name, targets, monkeypatch):
+    from groupmoe.integrations import modulelist
+
+    names = ("w1", "w3", "w2") if name.startswith("mixtral") else \
+        ("gate_proj", "up_proj", "down_proj")
+    pick = {"all": names, "up": names[1:2], "gate_down": names[0::2]}[targets]
+    # one expert with its own alpha: per-expert scales are folded into B
+    _, model = _peft_block(name, targets=list(pick), alpha_pattern={f"experts.2.{pick[0]}": 11})
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    ref, ref_dx, ref_grads = _lora_run(model, x)
+    assert sum("lora_" in n for n in ref_grads) > 0
+    calls = []
+    real = modulelist.expert_mlp_lora
+    monkeypatch.setattr(modulelist, "expert_mlp_lora", lambda *a, **k: calls.append(1) or
+                        real(*a, **k))
+    report = groupmoe.patch(model)
+    assert len(report.patched) == 1 and not report.skipped, str(report)
+    out, dx, grads = _lora_run(model, x)
+    assert calls  # the grouped LoRA path ran, not the loop
+    assert rel_err(out, ref) < 1e-12 and rel_err(dx, ref_dx) < 1e-11
+    assert grads.keys() == ref_grads.keys()
+    for n in ref_grads:
+        assert rel_err(grads[n], ref_grads[n]) < 1e-11, n
+
+
+def _fallback(model, x, caplog, monkeypatch):
+    from groupmoe.integrations import modulelist
+
+    monkeypatch.setattr(modulelist, "_warned", set())
+    with caplog.at_level("WARNING", logger="groupmoe"):
+        out = _lora_run(model, x)
+    return out, " ".join(r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("case", ["two_adapters", "dora", "some_experts", "ranks", "merged"])
+def test_peft_lora_unsupported_falls_back_with_reason(case, caplog, monkeypatch):
+    kw = {"dora": {"use_dora": True},
+          "some_experts": {"targets": r".*experts\.[01]\.up_proj"},
+          "ranks": {"rank_pattern": {"experts.1.up_proj": 2}}}.get(case, {})
+    peft, model = _peft_block("qwen3", **kw)
+    if case == "two_adapters":
+        model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["up_proj"],
+                                                    init_lora_weights=False))
+        model.base_model.set_adapter(["default", "second"])
+        model.double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    if case == "merged":
+        report = groupmoe.patch(model)  # patched while unmerged, merged afterwards
+        assert report.patched
+        model.merge_adapter()
+        ref = _lora_run(model.base_model.model.block.__dict__["_groupmoe_original_forward"]
+                        .__self__, x)
+    else:
+        ref = _lora_run(model, x)
+        report = groupmoe.patch(model)
+        why = {"two_adapters": "2 active LoRA adapters", "dora": "variant",
+               "some_experts": "some experts only", "ranks": "ranks differ"}[case]
+        assert not report.patched and why in report.skipped["base_model.model.block"]
+        return
+    (out, _, _), log = _fallback(model, x, caplog, monkeypatch)
+    assert "merged" in log
+    assert torch.equal(out, ref[0])
+
+
+def test_peft_lora_dropout_falls_back_in_training_only(caplog, monkeypatch):
+    _, model = _peft_block("qwen3", lora_dropout=0.3)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    ref = _lora_run(model, x)[0]
+    assert groupmoe.patch(model).patched  # dropout is a per-call (training) matter
+    (out, _, _), log = _fallback(model, x, caplog, monkeypatch)
+    assert "lora_dropout" in log and torch.equal(out, ref)  # the loop, same dropout draws
+    model.eval()
+    with torch.no_grad():
+        got = model(x)[0]
+        groupmoe.unpatch(model)
+        want = model(x)[0]
+    assert rel_err(got, want) < 1e-12

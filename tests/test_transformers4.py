@@ -149,3 +149,28 @@ def test_peft_lora_on_attention(name):
     report = groupmoe.patch(model)
     assert len(report.patched) == 2 and not report.skipped, str(report)
     _assert_close(step(model, ids), ref)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_peft_lora_on_expert_linears_runs_grouped(name, monkeypatch):
+    """LoRA on every expert's Linears (and attention) runs the grouped LoRA path, with the
+    loop's logits, loss and gradients (every lora_A/lora_B)."""
+    peft = pytest.importorskip("peft")
+    from groupmoe.integrations import modulelist
+
+    model = build(name).train()
+    experts = ["w1", "w3", "w2"] if name == "mixtral" else ["gate_proj", "up_proj", "down_proj"]
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", *experts],
+                          init_lora_weights=False)
+    model = peft.get_peft_model(model, cfg)
+    ids = tokens()
+    ref = step(model, ids)
+    assert any(".experts." in n and "lora_A" in n for n in ref[2])
+    calls = []
+    real = modulelist.expert_mlp_lora
+    monkeypatch.setattr(modulelist, "expert_mlp_lora", lambda *a, **k: calls.append(1) or
+                        real(*a, **k))
+    report = groupmoe.patch(model)
+    assert len(report.patched) == 2 and not report.skipped, str(report)
+    _assert_close(step(model, ids), ref)
+    assert len(calls) == 2
