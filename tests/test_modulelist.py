@@ -1,7 +1,5 @@
 """transformers 4.x-style ModuleList MoE blocks (synthetic stand-ins with the 4.x class names
-and per-expert loop), patched to the grouped path; plus a real 4.x install when present."""
-
-import importlib.metadata
+and per-expert loop), patched to the grouped path. The real 4.x models: test_transformers4.py."""
 
 import pytest
 import torch
@@ -113,7 +111,7 @@ def _run(model, x, seed=3):
     hidden = out[0] if isinstance(out, tuple) else out
     loss = hidden.pow(2).sum() + (out[1].sum() if isinstance(out, tuple) else 0)
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, x.grad, grads
 
 
@@ -186,26 +184,123 @@ def test_weight_stacks_are_rebuilt_not_kept(monkeypatch):
                for e in model.block.experts)
 
 
-def _transformers_major():
-    try:
-        return int(importlib.metadata.version("transformers").split(".")[0])
-    except importlib.metadata.PackageNotFoundError:
-        return None
+# ----- peft LoRA on the experts' Linears, run grouped -----
+
+def _peft_block(name, seed=0, **lora_kw):
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(seed)
+    model = Model(BLOCKS[name]()).double().train()
+    mixtral = name.startswith("mixtral")
+    targets = lora_kw.pop("targets", ["w1", "w3", "w2"] if mixtral else
+                          ["gate_proj", "up_proj", "down_proj"])
+    cfg = peft.LoraConfig(**{"r": 3, "lora_alpha": 5, "target_modules": targets,
+                             "init_lora_weights": False, **lora_kw})
+    model = peft.get_peft_model(model, cfg).double()
+    return peft, model
 
 
-@pytest.mark.transformers4
-@pytest.mark.skipif(_transformers_major() != 4, reason="needs a transformers 4.x install")
-def test_real_transformers4_qwen3_moe():
-    import transformers as t
+def _lora_run(model, x, seed=3):
+    out, dx, grads = _run(model, x, seed)
+    return (out[0] if isinstance(out, tuple) else out), dx, grads
 
-    cfg = t.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                           moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
-                           num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
-                           head_dim=8)
-    model = t.Qwen3MoeForCausalLM(cfg)
-    ids = torch.randint(0, 64, (2, 9))
-    ref = model(ids, labels=ids)
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+@pytest.mark.parametrize("targets", ["all", "up", "gate_down"])
+def test_peft_lora_on_expert_linears_runs_grouped(name, targets, monkeypatch):
+    from groupmoe.integrations import modulelist
+
+    names = ("w1", "w3", "w2") if name.startswith("mixtral") else \
+        ("gate_proj", "up_proj", "down_proj")
+    pick = {"all": names, "up": names[1:2], "gate_down": names[0::2]}[targets]
+    # one expert with its own alpha: per-expert scales are folded into B
+    _, model = _peft_block(name, targets=list(pick), alpha_pattern={f"experts.2.{pick[0]}": 11})
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    ref, ref_dx, ref_grads = _lora_run(model, x)
+    assert sum("lora_" in n for n in ref_grads) > 0
+    calls = []
+    real = modulelist.expert_mlp_lora
+    monkeypatch.setattr(modulelist, "expert_mlp_lora", lambda *a, **k: calls.append(1) or
+                        real(*a, **k))
     report = groupmoe.patch(model)
-    assert len(report.patched) == 2
-    out = model(ids, labels=ids)
-    assert rel_err(out.logits, ref.logits) < 1e-5
+    assert len(report.patched) == 1 and not report.skipped, str(report)
+    out, dx, grads = _lora_run(model, x)
+    assert calls  # the grouped LoRA path ran, not the loop
+    assert rel_err(out, ref) < 1e-12 and rel_err(dx, ref_dx) < 1e-11
+    assert grads.keys() == ref_grads.keys()
+    for n in ref_grads:
+        assert rel_err(grads[n], ref_grads[n]) < 1e-11, n
+
+
+def _fallback(model, x, caplog, monkeypatch):
+    from groupmoe.integrations import modulelist
+
+    monkeypatch.setattr(modulelist, "_warned", set())
+    with caplog.at_level("WARNING", logger="groupmoe"):
+        out = _lora_run(model, x)
+    return out, " ".join(r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("case", ["two_adapters", "dora", "some_experts", "ranks", "merged"])
+def test_peft_lora_unsupported_falls_back_with_reason(case, caplog, monkeypatch):
+    kw = {"dora": {"use_dora": True},
+          "some_experts": {"targets": r".*experts\.[01]\.up_proj"},
+          "ranks": {"rank_pattern": {"experts.1.up_proj": 2}}}.get(case, {})
+    peft, model = _peft_block("qwen3", **kw)
+    if case == "two_adapters":
+        model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["up_proj"],
+                                                    init_lora_weights=False))
+        model.base_model.set_adapter(["default", "second"])
+        model.double()
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    if case == "merged":
+        report = groupmoe.patch(model)  # patched while unmerged, merged afterwards
+        assert report.patched
+        model.merge_adapter()
+        ref = _lora_run(model.base_model.model.block.__dict__["_groupmoe_original_forward"]
+                        .__self__, x)
+    else:
+        ref = _lora_run(model, x)
+        report = groupmoe.patch(model)
+        why = {"two_adapters": "2 active LoRA adapters", "dora": "variant",
+               "some_experts": "some experts only", "ranks": "ranks differ"}[case]
+        assert not report.patched and why in report.skipped["base_model.model.block"]
+        return
+    (out, _, _), log = _fallback(model, x, caplog, monkeypatch)
+    assert "merged" in log
+    assert torch.equal(out, ref[0])
+
+
+def test_peft_lora_dropout_falls_back_in_training_only(caplog, monkeypatch):
+    _, model = _peft_block("qwen3", lora_dropout=0.3)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    ref = _lora_run(model, x)[0]
+    assert groupmoe.patch(model).patched  # dropout is a per-call (training) matter
+    (out, _, _), log = _fallback(model, x, caplog, monkeypatch)
+    assert "lora_dropout" in log and torch.equal(out, ref)  # the loop, same dropout draws
+    model.eval()
+    with torch.no_grad():
+        got = model(x)[0]
+        groupmoe.unpatch(model)
+        want = model(x)[0]
+    assert rel_err(got, want) < 1e-12
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["qwen2-shared", "olmoe-tensor-return"])
+def test_peft_lora_on_expert_linears_bf16_cuda(name):
+    """Grouped bf16 LoRA on CUDA against the model's bf16 loop (same router, so the same
+    routing; rank 8 for grouped_mm's alignment)."""
+    import copy
+
+    _, model = _peft_block(name, r=8)
+    model = model.bfloat16().cuda()
+    ref_model = copy.deepcopy(model)
+    assert groupmoe.patch(model).patched
+    x = torch.randn(4, 64, 16, device="cuda", dtype=torch.bfloat16)
+    ref, ref_dx, ref_grads = _lora_run(ref_model, x)
+    out, dx, grads = _lora_run(model, x)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out, ref) < 2e-2 and rel_err(dx, ref_dx) < 2e-2
+    assert grads.keys() == ref_grads.keys()
+    for n in ref_grads:
+        assert rel_err(grads[n], ref_grads[n]) < 3e-2, n

@@ -264,6 +264,8 @@ def test_recompute_keeps_no_dense_stack_on_tape():
 def _tiny_qwen3_moe_with_peft(adapters=("default",), dtype=torch.float64):
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("LoRA on stacked expert parameters needs transformers 5")
     cfg = transformers.Qwen3MoeConfig(
         vocab_size=64, hidden_size=32, intermediate_size=48, moe_intermediate_size=16,
         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=16,

@@ -4,6 +4,9 @@ The block's forward is replaced by: router (the model's exact rule: softmax in f
 renormalise as the model does, Mixtral's training jitter, weights cast to the activations'
 dtype) -> groupmoe's grouped expert MLP on stacks of the experts' weights -> the model's
 shared expert, returning what the model returned (``(hidden, router_logits)`` or ``hidden``).
+peft LoRA on the experts' Linears (``LoraConfig(target_modules=["gate_proj", ...])``) runs
+grouped too: each projection's per-expert ``lora_A``/``lora_B`` are stacked the same way and
+applied by :func:`groupmoe.lora.expert_mlp_lora`, gate and up side by side.
 
 The stacks are built from the per-expert ``nn.Linear`` weights on every call (``torch.stack``,
 so gradients reach each expert) and are not kept for backward: they are rebuilt there.
@@ -18,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..lora.experts import ExpertLoRA, concat_outputs, expert_mlp_lora
+from ..lora.peft import lora_factors_from_linears
 from ..ops.activations import SwiGLU
 from ..ops.experts import expert_mlp
 from ..ops.recompute import recompute_saved
@@ -41,34 +46,51 @@ def _projections(block: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Module
     return [tuple(getattr(e, n, None) for n in names) for e in block.experts]
 
 
-def _has_adapter(lin: nn.Module) -> bool:
-    return getattr(lin, "lora_A", None) is not None or getattr(lin, "base_layer", None) \
-        is not None
+def _base(lin: nn.Module | None) -> nn.Module | None:
+    """The expert's own Linear under peft's adapter layers."""
+    while lin is not None and hasattr(lin, "base_layer"):
+        lin = lin.base_layer
+    return lin
+
+
+def _lora(block: nn.Module, runtime: bool) -> ExpertLoRA | str | None:
+    """The experts' peft LoRA as stacked factors (gate and up side by side), ``None`` without
+    adapters, or why it cannot run grouped."""
+    projs = _projections(block)
+    names = BLOCKS[type(block).__name__]
+    factors = []
+    for i, name in enumerate(names):
+        f = lora_factors_from_linears([p[i] for p in projs], runtime)
+        if isinstance(f, str):
+            return f"LoRA on {name}: {f}"
+        factors.append(f)
+    gate, up, down = factors
+    if gate is None and up is None and down is None:
+        return None
+    inter = _base(projs[0][0]).weight.shape[0]
+    return ExpertLoRA(gate_up=concat_outputs([(gate, inter), (up, inter)]), down=down)
 
 
 def _static_reason(block: nn.Module) -> str | None:
     if not isinstance(getattr(block, "gate", None), nn.Linear):
         return "router is not a plain nn.Linear"
     for idx, projs in enumerate(_projections(block)):
-        for lin in projs:
+        for lin in map(_base, projs):
             if lin is None or not isinstance(getattr(lin, "weight", None), torch.Tensor):
                 return f"expert {idx} lacks a projection"
-            if _has_adapter(lin):
-                return f"expert {idx} carries a LoRA adapter"
             if not lin.weight.is_floating_point() or getattr(lin, "bias", None) is not None:
                 return f"expert {idx} has quantized or biased weights"
         act = getattr(block.experts[idx], "act_fn", None)
         probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
         if act is None or not torch.allclose(act(probe), F.silu(probe)):
             return f"expert {idx} activation is not SiLU"
-    return None
+    lora = _lora(block, runtime=False)
+    return lora if isinstance(lora, str) else None
 
 
 def _runtime_reason(block: nn.Module, x: torch.Tensor) -> str | None:
     for idx, projs in enumerate(_projections(block)):
-        for lin in projs:
-            if _has_adapter(lin):
-                return f"expert {idx} gained a LoRA adapter"
+        for lin in map(_base, projs):
             w = lin.weight
             if w.dtype != x.dtype or w.device != x.device:
                 return f"expert {idx} weights {w.dtype} on {w.device}, input {x.dtype} on " \
@@ -94,7 +116,7 @@ def _returns_router_logits(block: nn.Module) -> bool:
 
 
 def _stacks(block: nn.Module):
-    projs = _projections(block)
+    projs = [tuple(map(_base, p)) for p in _projections(block)]
 
     def gate_up():  # [E, 2I, H], gate rows first
         return torch.stack([torch.cat([g.weight, u.weight]) for g, u, _ in projs])
@@ -107,7 +129,8 @@ def _stacks(block: nn.Module):
 
 def grouped_block_forward(self: nn.Module, hidden_states: torch.Tensor):
     """Replacement forward of a ModuleList MoE block (see module docstring)."""
-    reason = _runtime_reason(self, hidden_states)
+    lora = _lora(self, runtime=True)
+    reason = lora if isinstance(lora, str) else _runtime_reason(self, hidden_states)
     if reason is not None:
         key = (type(self).__name__, reason)
         if key not in _warned:
@@ -128,9 +151,14 @@ def grouped_block_forward(self: nn.Module, hidden_states: torch.Tensor):
     weights = weights.to(x.dtype)
     make_gate_up, make_down = _stacks(self)
     w1, w2 = make_gate_up(), make_down()
+    routing = build_routing(ids, len(self.experts))
     with recompute_saved([(w1, make_gate_up), (w2, make_down)]):
-        out = expert_mlp(x, build_routing(ids, len(self.experts)), weights,
-                         w1.transpose(-1, -2), w2.transpose(-1, -2), activation=SwiGLU())
+        if lora is None:
+            out = expert_mlp(x, routing, weights, w1.transpose(-1, -2), w2.transpose(-1, -2),
+                             activation=SwiGLU())
+        else:
+            out = expert_mlp_lora(x, routing, weights, w1.transpose(-1, -2),
+                                  w2.transpose(-1, -2), lora, activation=SwiGLU())
     if getattr(self, "shared_expert", None) is not None:
         shared = self.shared_expert(x)
         if getattr(self, "shared_expert_gate", None) is not None:

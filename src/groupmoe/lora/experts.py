@@ -46,6 +46,30 @@ class LoRAFactors:
               f"[{num_experts}, r, {d_out}], got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
+def concat_outputs(parts: list[tuple[LoRAFactors | None, int]]) -> LoRAFactors | None:
+    """One adapter for projections whose outputs are concatenated (gate and up into gate_up):
+    ``parts`` lists each projection's factors (or ``None``) and output width in order.
+
+    Exact: ``x [A_1 .. A_n] blockdiag(s_1 B_1, .., s_n B_n)`` is the concatenation of the
+    ``s_i x A_i B_i`` (zero columns where a projection has no adapter); scales stay outside
+    when they are all equal.
+    """
+    present = [i for i, (f, _) in enumerate(parts) if f is not None]
+    if not present:
+        return None
+    scales = {parts[i][0].scale for i in present}
+    same = len(scales) == 1
+    rows = []
+    for i in present:
+        f = parts[i][0]
+        cols = [(f.b if same else f.b * f.scale) if j == i else
+                f.b.new_zeros(f.b.shape[0], f.b.shape[1], width)
+                for j, (_, width) in enumerate(parts)]
+        rows.append(torch.cat(cols, dim=2))
+    a = torch.cat([parts[i][0].a for i in present], dim=2)
+    return LoRAFactors(a, torch.cat(rows, dim=1), scales.pop() if same else 1.0)
+
+
 @dataclass
 class ExpertLoRA:
     """Adapters of an expert MLP: on ``gate_up`` (``[E, H, r]``, ``[E, r, 2I]``) and/or

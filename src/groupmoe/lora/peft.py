@@ -4,8 +4,9 @@ peft's ``ParamWrapper``) as :class:`ExpertLoRA`, so the grouped path can run the
 peft stores an adapter on a ``[E, d1, d2]`` parameter as ``lora_A.weight [E*r, in]`` and
 ``lora_B.weight [out, r*E]`` (``in``/``out`` already swapped by peft for ``[E, out, in]``
 stacks), i.e. ``A_e = lora_A.weight.view(E, r, in)[e]^T`` and
-``B_e = lora_B.weight.view(out, r, E)[..., e]^T``. Only peft's attributes are read (peft is not
-imported).
+``B_e = lora_B.weight.view(out, r, E)[..., e]^T``. peft ``lora.Linear`` adapters on per-expert
+Linears (transformers 4.x ``ModuleList`` experts) are stacked across experts by
+:func:`lora_factors_from_linears`. Only peft's attributes are read (peft is not imported).
 """
 
 from __future__ import annotations
@@ -82,3 +83,62 @@ def lora_from_peft_param_wrapper(module: nn.Module, gate_up_name: str = "gate_up
     if gate_up is None and down is None:
         return None
     return ExpertLoRA(gate_up=gate_up, down=down)
+
+
+def _active_linear_adapter(lin: nn.Module, runtime: bool) -> tuple[str | None, str | None]:
+    """``(adapter, None)`` for the one vanilla LoRA adapter a peft ``lora.Linear`` applies now,
+    ``(None, None)`` when it applies none (disabled, or no active adapter here), or
+    ``(None, why)`` when its computation is not ``x W^T + scale * B(A(x))``. ``runtime`` adds
+    the check that depends on the mode: dropout with ``p > 0`` while training."""
+    if not all(hasattr(lin, a) for a in ("lora_A", "lora_B", "scaling", "active_adapters")):
+        return None, f"adapter of type {type(lin).__name__} that is not a peft LoRA Linear"
+    if getattr(lin, "merged", False):
+        return None, "LoRA merged into the base weight"
+    if getattr(lin, "disable_adapters", False):
+        return None, None
+    names = [a for a in lin.active_adapters if a in lin.lora_A]
+    if len(names) != 1:
+        return None, None if not names else f"{len(names)} active LoRA adapters"
+    name = names[0]
+    if name in getattr(lin, "lora_variant", {}) or getattr(lin, "use_dora", {}).get(name):
+        return None, f"LoRA variant (e.g. DoRA) on adapter {name!r}"
+    if lin.lora_A[name].bias is not None or lin.lora_B[name].bias is not None:
+        return None, f"LoRA with a bias on adapter {name!r}"
+    drop = lin.lora_dropout[name] if name in getattr(lin, "lora_dropout", {}) else None
+    if runtime and drop is not None and drop.training and getattr(drop, "p", 0.0) > 0:
+        return None, "lora_dropout > 0 in training"
+    return name, None
+
+
+def lora_factors_from_linears(lins: list[nn.Module], runtime: bool = True
+                              ) -> LoRAFactors | str | None:
+    """Stack the peft LoRA adapters of one projection across experts (one ``nn.Linear`` or peft
+    ``lora.Linear`` per expert) as :class:`LoRAFactors` ``a [E, in, r]``, ``b [E, r, out]``.
+
+    ``torch.stack`` keeps each expert's ``lora_A``/``lora_B`` weight in the graph, so their
+    gradients reach peft's parameters. Returns ``None`` when no expert applies an adapter, or a
+    reason (str) when the adapters are not a single unmerged vanilla LoRA of one rank on every
+    expert (see :func:`_active_linear_adapter`; ``runtime=False`` skips the mode check).
+    """
+    found = []
+    for idx, lin in enumerate(lins):
+        if not hasattr(lin, "lora_A") and not hasattr(lin, "base_layer"):
+            found.append(None)
+            continue
+        name, why = _active_linear_adapter(lin, runtime)
+        if why is not None:
+            return f"expert {idx}: {why}"
+        found.append(name)
+    if all(n is None for n in found):
+        return None
+    if any(n is None for n in found):
+        return "LoRA on some experts only"
+    a = [lin.lora_A[n].weight for lin, n in zip(lins, found)]  # [r, in]
+    b = [lin.lora_B[n].weight for lin, n in zip(lins, found)]  # [out, r]
+    if len({w.shape for w in a}) != 1 or len({w.shape for w in b}) != 1:
+        return "LoRA ranks differ across experts"
+    scales = [float(lin.scaling[n]) for lin, n in zip(lins, found)]
+    a_st = torch.stack([w.t() for w in a])
+    if len(set(scales)) == 1:
+        return LoRAFactors(a_st, torch.stack([w.t() for w in b]), scales[0])
+    return LoRAFactors(a_st, torch.stack([w.t() * s for w, s in zip(b, scales)]), 1.0)

@@ -1,0 +1,176 @@
+"""groupmoe.patch on tiny real transformers 4.x ModuleList MoE models (Qwen3-MoE, Qwen2-MoE with
+its shared expert, Mixtral with router jitter, OLMoE), built from the 4.x config classes (no
+downloads). ``bash scripts/test.sh`` runs this file against the transformers 4.x overlay that
+scripts/setup.sh installs; under transformers 5 it skips."""
+
+import importlib.metadata
+
+import pytest
+import torch
+
+import groupmoe
+from moe_cases import rel_err
+
+
+def _major():
+    try:
+        return int(importlib.metadata.version("transformers").split(".")[0])
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+pytestmark = [pytest.mark.transformers4,
+              pytest.mark.skipif(_major() != 4, reason="needs a transformers 4.x install")]
+
+COMMON = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64)
+BLOCK = {"qwen3_moe": "Qwen3MoeSparseMoeBlock", "qwen2_moe": "Qwen2MoeSparseMoeBlock",
+         "mixtral": "MixtralSparseMoeBlock", "olmoe": "OlmoeSparseMoeBlock"}
+NAMES = list(BLOCK)
+
+
+def _configs():
+    import transformers as t
+
+    return {
+        "qwen3_moe": (t.Qwen3MoeConfig, t.Qwen3MoeForCausalLM, dict(
+            intermediate_size=64, moe_intermediate_size=16, num_experts=8,
+            num_experts_per_tok=2, norm_topk_prob=True, head_dim=8)),
+        "qwen2_moe": (t.Qwen2MoeConfig, t.Qwen2MoeForCausalLM, dict(
+            intermediate_size=64, moe_intermediate_size=16, num_experts=8,
+            num_experts_per_tok=2, shared_expert_intermediate_size=24)),
+        "mixtral": (t.MixtralConfig, t.MixtralForCausalLM, dict(
+            intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8,
+            router_jitter_noise=0.1)),
+        "olmoe": (t.OlmoeConfig, t.OlmoeForCausalLM, dict(
+            intermediate_size=16, num_experts=8, num_experts_per_tok=2)),
+    }
+
+
+def build(name, seed=0, **overrides):
+    cfg_cls, model_cls, extra = _configs()[name]
+    cfg = cfg_cls(**{**COMMON, **extra, **overrides}, attn_implementation="eager")
+    torch.manual_seed(seed)
+    return model_cls(cfg)
+
+
+def tokens(batch=2, seq=12, seed=1):
+    return torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def step(model, ids, seed=5):
+    """Logits, loss (with the router aux loss, so router gradients are compared too) and
+    every gradient; the same seed gives Mixtral's jitter the same draw in both runs."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    out = model(ids, labels=ids, output_router_logits=True)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+def _blocks(model, name):
+    return [n for n, m in model.named_modules() if type(m).__name__ == BLOCK[name]]
+
+
+def _assert_close(got, want):
+    logits, loss, grads = got
+    ref_logits, ref_loss, ref_grads = want
+    assert rel_err(logits, ref_logits) < 1e-5
+    assert abs(float(loss - ref_loss)) < 1e-5 * max(1.0, abs(float(ref_loss)))
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        assert rel_err(grads[n], ref_grads[n]) < 1e-5, n
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_patched_matches_loop_and_unpatch_restores(name):
+    model = build(name).train()
+    ids = tokens()
+    keys = list(model.state_dict())
+    ref = step(model, ids)
+    report = groupmoe.patch(model)
+    assert report.patched == _blocks(model, name) and len(report.patched) == 2, str(report)
+    assert not report.skipped, str(report)
+    assert list(model.state_dict()) == keys
+    got = step(model, ids)
+    _assert_close(got, ref)
+    assert any(".experts." in n for n in ref[2])  # every expert's own Linear got its grad
+    groupmoe.unpatch(model)
+    assert all("forward" not in model.get_submodule(n).__dict__ for n in report.patched)
+    again = step(model, ids)
+    assert torch.equal(again[0], ref[0]) and torch.equal(again[1], ref[1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_generate_and_save_load(name, tmp_path):
+    model = build(name).eval()
+    prompt = tokens(1, 5)
+    want = model.generate(prompt, max_new_tokens=4, do_sample=False)
+    with groupmoe.patched(model) as report:
+        assert len(report.patched) == 2
+        got = model.generate(prompt, max_new_tokens=4, do_sample=False)
+        model.save_pretrained(tmp_path)
+    assert torch.equal(got, want)
+    assert "groupmoe" not in (tmp_path / "config.json").read_text()
+    loaded = type(model).from_pretrained(tmp_path, attn_implementation="eager").eval()
+    sd, lsd = model.state_dict(), loaded.state_dict()
+    assert list(lsd) == list(sd)
+    assert all(torch.equal(sd[k], lsd[k]) for k in sd)
+    assert len(groupmoe.patch(loaded).patched) == 2
+    ids = tokens()
+    with torch.no_grad():
+        assert rel_err(loaded(ids).logits, model(ids).logits) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_frozen_experts(name):
+    model = build(name).train()
+    for n, p in model.named_parameters():
+        p.requires_grad_(".experts." not in n)
+    ids = tokens()
+    ref = step(model, ids)
+    assert ref[2] and not any(".experts." in n for n in ref[2])
+    groupmoe.patch(model)
+    got = step(model, ids)
+    _assert_close(got, ref)
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "olmoe"])
+def test_peft_lora_on_attention(name):
+    peft = pytest.importorskip("peft")
+    model = build(name).train()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                          init_lora_weights=False)
+    model = peft.get_peft_model(model, cfg)
+    ids = tokens()
+    ref = step(model, ids)
+    assert any("lora_B" in n for n in ref[2])
+    report = groupmoe.patch(model)
+    assert len(report.patched) == 2 and not report.skipped, str(report)
+    _assert_close(step(model, ids), ref)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_peft_lora_on_expert_linears_runs_grouped(name, monkeypatch):
+    """LoRA on every expert's Linears (and attention) runs the grouped LoRA path, with the
+    loop's logits, loss and gradients (every lora_A/lora_B)."""
+    peft = pytest.importorskip("peft")
+    from groupmoe.integrations import modulelist
+
+    model = build(name).train()
+    experts = ["w1", "w3", "w2"] if name == "mixtral" else ["gate_proj", "up_proj", "down_proj"]
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", *experts],
+                          init_lora_weights=False)
+    model = peft.get_peft_model(model, cfg)
+    ids = tokens()
+    ref = step(model, ids)
+    assert any(".experts." in n and "lora_A" in n for n in ref[2])
+    calls = []
+    real = modulelist.expert_mlp_lora
+    monkeypatch.setattr(modulelist, "expert_mlp_lora", lambda *a, **k: calls.append(1) or
+                        real(*a, **k))
+    report = groupmoe.patch(model)
+    assert len(report.patched) == 2 and not report.skipped, str(report)
+    _assert_close(step(model, ids), ref)
+    assert len(calls) == 2
