@@ -109,6 +109,8 @@ def test_triton_kernel_interpreter(nested, monkeypatch):
             assert ((got.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7).all()
         else:
             assert torch.equal(got, ref)
+            part = dequantize_nf4_experts(t, 1, 3, dtype, backend="triton")
+            assert torch.equal(part, ref[1:3])
 
 
 @pytest.mark.gpu
@@ -123,6 +125,54 @@ def test_triton_matches_bitsandbytes_gpu(nested):
         ref = bnbf.dequantize_4bit(q, state)
         assert torch.equal(dequantize_nf4(loaded, dtype, backend="triton"), ref)
         assert torch.equal(dequantize_nf4(loaded, dtype, backend="torch"), ref)
+        for backend in ("triton", "bnb", "torch"):
+            assert torch.equal(dequantize_nf4_experts(loaded, 3, 6, dtype, backend), ref[3:6])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gptoss", True)])
+def test_chunked_qlora_bf16_gpu(activation, bias):
+    """bf16 on CUDA (Triton dequantize and elementwise kernels): chunked vs whole-stack vs the
+    fp64 oracle, and a smaller peak than the whole-stack path."""
+    e, h, i, t, k, r = 16, 256, 192, 512, 4, 8
+    torch.manual_seed(0)
+    wg = torch.randn(e, 2 * i, h, device="cuda") / h ** 0.5
+    wd = torch.randn(e, h, i, device="cuda") / i ** 0.5
+    b1 = torch.randn(e, 2 * i, device="cuda", dtype=torch.bfloat16) * 0.1 if bias else None
+    b2 = torch.randn(e, h, device="cuda", dtype=torch.bfloat16) * 0.1 if bias else None
+    qg, qd = quantize_nf4(wg), quantize_nf4(wd)
+    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.stack([torch.randperm(e // 2, device="cuda")[:k] for _ in range(t)])  # half empty
+    gates = torch.rand(t, k, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    mods = {d: QuantizedGroupedExperts(qg, qd, activation, b1, b2, dequant=d, lora_rank=r,
+                                       dequant_chunk_bytes=3 * 2 * i * h * 2)
+            for d in ("chunked", "recompute")}
+    lora = mods["chunked"].lora.cuda().to(torch.bfloat16)
+    torch.nn.init.normal_(lora.gate_up_b, std=0.1)
+    torch.nn.init.normal_(lora.down_b, std=0.1)
+    mods["recompute"].lora = lora
+    leaves = [x, gates, *lora.parameters()]
+    up = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    res = {}
+    for d, mod in mods.items():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = mod(x, ids, gates)
+        res[d] = (out, torch.autograd.grad(out, leaves, up),
+                  torch.cuda.max_memory_allocated() - base)
+    d1, d2 = (dequantize_nf4(q, torch.float64).transpose(-1, -2) for q in (qg, qd))
+    f = lora.factors()
+    d1, d2 = d1 + f.gate_up.delta().double(), d2 + f.down.delta().double()
+    bd = [None if b is None else b.double() for b in (b1, b2)]
+    xd, gd = x.detach().double().requires_grad_(), gates.detach().double().requires_grad_()
+    ref = expert_mlp_reference(xd, ids, gd, d1, d2, *bd, activation)
+    ref_grads = torch.autograd.grad(ref, [xd, gd, *lora.parameters()], up.double())
+    out, grads, peak = res["chunked"]
+    assert rel_err(out, ref) < 1e-2
+    for g, rg, wg_ in zip(grads, ref_grads, res["recompute"][1]):
+        assert rel_err(g, rg) < 2e-2 and rel_err(g, wg_) < 2e-2
+    assert peak < res["recompute"][2]
 
 
 def test_stack_nf4_is_exact():
@@ -480,6 +530,9 @@ def test_qlora_bench_smoke(tmp_path):
     from groupmoe.bench.qlora import main
 
     out = tmp_path / "qlora.json"
-    rows = main(["--smoke", "--out", str(out)])
-    assert out.exists() and len(rows) == 2
+    rows = main(["--smoke", "--out", str(out), "--variants", "chunked:0.01", "recompute"])
+    assert out.exists() and len(rows) == 4
+    assert [r["variant"] for r in rows[:2]] == ["chunked:0.01", "recompute"]
     assert all(r["rel_diff_vs_loop"] < 1e-4 for r in rows)
+    with pytest.raises(ValueError, match="bad variant"):
+        main(["--smoke", "--out", str(out), "--variants", "chunked"])
