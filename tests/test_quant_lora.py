@@ -458,6 +458,40 @@ def test_chunked_never_allocates_a_whole_stack(dequant):
         assert biggest[0] >= e * per_expert
 
 
+def test_chunked_saves_only_x_h_and_rank_r_intermediates():
+    """What the step keeps for backward: x, the sorted router weights, h [rows, 2I], x A and
+    a A [rows, r] (and the small LoRA factors); no permuted copy of x, no dense weights."""
+    wg, wd, _, _, x, ids, gates, lora = _chunked_case("swiglu", False, "out_in", r=2)
+    mod = QuantizedGroupedExperts(quantize_nf4(wg), quantize_nf4(wd), compute_dtype=torch.float32,
+                                  dequant_chunk_bytes=3 * 40 * 24 * 4)
+    out = mod(x, ids, gates, lora=lora)
+    node = out.grad_fn
+    rows, r = ids.numel(), 2
+    kept = [t for t in node.saved_tensors if t is not None]
+    kept += [t for t in node.hs + node.us + node.vs if t is not None]
+    factors = sum(t.numel() for t in (lora.gate_up.a, lora.gate_up.b, lora.down.a, lora.down.b))
+    assert sum(t.numel() for t in kept) == (x.numel() + rows + rows * 40 + 2 * rows * r
+                                            + factors)
+    assert any(t is x for t in node.saved_tensors)  # the caller's x, not a copy
+
+
+@pytest.mark.parametrize("t,e,k", [(0, 4, 2), (5, 1, 1)])
+def test_chunked_no_tokens_and_one_expert(t, e, k):
+    h, i = 16, 8
+    mod = QuantizedGroupedExperts.from_dense(torch.randn(e, h, 2 * i), torch.randn(e, i, h),
+                                             compute_dtype=torch.float32, lora_rank=2,
+                                             dequant_chunk_bytes=1)
+    x = torch.randn(t, h, requires_grad=True)
+    ids = make_ids(t, k, e)
+    gates = torch.rand(t, k, requires_grad=True)
+    out = mod(x, ids, gates)
+    d1, d2 = (dequantize_nf4(q).double() for q in (mod.gate_up_q, mod.down_q))
+    ref = expert_mlp_reference(x.double(), ids, gates.double(), d1, d2)
+    assert out.shape == (t, h) and (t == 0 or rel_err(out, ref) < 1e-5)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and mod.lora.gate_up_a.grad is not None
+
+
 # ----- peft interop -----
 
 def _tiny_qwen3_moe_with_peft(adapters=("default",), dtype=torch.float64):

@@ -27,7 +27,7 @@ from ..ops.activations import get_activation
 from ..quant.experts import QuantizedGroupedExperts
 from ..quant.nf4 import _bnb_available, dequantize_nf4, quantize_nf4
 
-DEFAULT_VARIANTS = ("chunked:256", "chunked:64", "chunked:1024", "recompute")
+DEFAULT_VARIANTS = ("chunked:256", "chunked:128", "chunked:512", "chunked:1024", "recompute")
 SHAPES = {  # name: (H, I, E, k, activation, bias)
     "qwen3-30b-a3b": (2048, 768, 128, 8, "swiglu", False),
     "gpt-oss-20b": (2880, 2880, 32, 4, "gptoss", True),
