@@ -1,7 +1,8 @@
 """LoRA on experts, grouped (and peft interop)."""
 
+from .chunked import chunked_expert_mlp
 from .experts import ExpertLoRA, ExpertLoRAModule, LoRAFactors, expert_mlp_lora
 from .peft import lora_from_peft_param_wrapper, unwrap_param_wrappers
 
-__all__ = ["ExpertLoRA", "ExpertLoRAModule", "LoRAFactors", "expert_mlp_lora",
+__all__ = ["ExpertLoRA", "ExpertLoRAModule", "LoRAFactors", "chunked_expert_mlp", "expert_mlp_lora",
            "lora_from_peft_param_wrapper", "unwrap_param_wrappers"]
