@@ -161,7 +161,7 @@ def test_chunked_qlora_bf16_gpu(activation, bias):
         out = mod(x, ids, gates)
         res[d] = (out, torch.autograd.grad(out, leaves, up),
                   torch.cuda.max_memory_allocated() - base)
-    d1, d2 = (dequantize_nf4(q, torch.float64).transpose(-1, -2) for q in (qg, qd))
+    d1, d2 = (dequantize_nf4(q, torch.float64, "torch").transpose(-1, -2) for q in (qg, qd))
     f = lora.factors()
     d1, d2 = d1 + f.gate_up.delta().double(), d2 + f.down.delta().double()
     bd = [None if b is None else b.double() for b in (b1, b2)]
