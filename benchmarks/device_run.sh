@@ -25,7 +25,7 @@ for s in $stages; do
     memory) python3 -m groupmoe.bench.memory --out "$OUT/memory.json" | grep -v '^  ' ;;
     wgrad) python3 -m groupmoe.bench.wgrad_split --out "$OUT/wgrad_split.json" ;;
     hf) python3 -m groupmoe.bench.hf_e2e --out "$OUT/hf_e2e.json" 2>&1 | grep -v "^{" ;;
-    qlora) python3 -m groupmoe.bench.qlora --out "$OUT/qlora.json" 2>&1 | tail -12 ;;
+    qlora) python3 -m groupmoe.bench.qlora --out "$OUT/qlora.json" 2>&1 | tail -11 ;;
     kernels) timeout 480 python3 -m groupmoe.bench.kernels --out "$OUT/kernels.json" 2>&1 \
                | tail -40 ;;
     peers) LIGER_FUSED_MOE_AUTOTUNE=${LIGER_FUSED_MOE_AUTOTUNE:-0} timeout 240 python3 -m groupmoe \

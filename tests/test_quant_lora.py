@@ -13,12 +13,14 @@ from groupmoe.lora import (
     lora_from_peft_param_wrapper,
     unwrap_param_wrappers,
 )
+from groupmoe.lora.chunked import plan_chunks
 from groupmoe.ops import build_routing, expert_mlp_reference
 from groupmoe.quant import (
     NF4Tensor,
     QuantizedGroupedExperts,
     absmax_fp32,
     dequantize_nf4,
+    dequantize_nf4_experts,
     quantize_nf4,
     stack_nf4,
 )
@@ -107,6 +109,8 @@ def test_triton_kernel_interpreter(nested, monkeypatch):
             assert ((got.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7).all()
         else:
             assert torch.equal(got, ref)
+            part = dequantize_nf4_experts(t, 1, 3, dtype, backend="triton")
+            assert torch.equal(part, ref[1:3])
 
 
 @pytest.mark.gpu
@@ -121,6 +125,54 @@ def test_triton_matches_bitsandbytes_gpu(nested):
         ref = bnbf.dequantize_4bit(q, state)
         assert torch.equal(dequantize_nf4(loaded, dtype, backend="triton"), ref)
         assert torch.equal(dequantize_nf4(loaded, dtype, backend="torch"), ref)
+        for backend in ("triton", "bnb", "torch"):
+            assert torch.equal(dequantize_nf4_experts(loaded, 3, 6, dtype, backend), ref[3:6])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("activation,bias", [("swiglu", False), ("gptoss", True)])
+def test_chunked_qlora_bf16_gpu(activation, bias):
+    """bf16 on CUDA (Triton dequantize and elementwise kernels): chunked vs whole-stack vs the
+    fp64 oracle, and a smaller peak than the whole-stack path."""
+    e, h, i, t, k, r = 16, 256, 192, 512, 4, 8
+    torch.manual_seed(0)
+    wg = torch.randn(e, 2 * i, h, device="cuda") / h ** 0.5
+    wd = torch.randn(e, h, i, device="cuda") / i ** 0.5
+    b1 = torch.randn(e, 2 * i, device="cuda", dtype=torch.bfloat16) * 0.1 if bias else None
+    b2 = torch.randn(e, h, device="cuda", dtype=torch.bfloat16) * 0.1 if bias else None
+    qg, qd = quantize_nf4(wg), quantize_nf4(wd)
+    x = torch.randn(t, h, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.stack([torch.randperm(e // 2, device="cuda")[:k] for _ in range(t)])  # half empty
+    gates = torch.rand(t, k, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    mods = {d: QuantizedGroupedExperts(qg, qd, activation, b1, b2, dequant=d, lora_rank=r,
+                                       dequant_chunk_bytes=3 * 2 * i * h * 2)
+            for d in ("chunked", "recompute")}
+    lora = mods["chunked"].lora.cuda().to(torch.bfloat16)
+    torch.nn.init.normal_(lora.gate_up_b, std=0.1)
+    torch.nn.init.normal_(lora.down_b, std=0.1)
+    mods["recompute"].lora = lora
+    leaves = [x, gates, *lora.parameters()]
+    up = torch.randn(t, h, device="cuda", dtype=torch.bfloat16)
+    res = {}
+    for d, mod in mods.items():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        out = mod(x, ids, gates)
+        res[d] = (out, torch.autograd.grad(out, leaves, up),
+                  torch.cuda.max_memory_allocated() - base)
+    d1, d2 = (dequantize_nf4(q, torch.float64, "torch").transpose(-1, -2) for q in (qg, qd))
+    f = lora.factors()
+    d1, d2 = d1 + f.gate_up.delta().double(), d2 + f.down.delta().double()
+    bd = [None if b is None else b.double() for b in (b1, b2)]
+    xd, gd = x.detach().double().requires_grad_(), gates.detach().double().requires_grad_()
+    ref = expert_mlp_reference(xd, ids, gd, d1, d2, *bd, activation)
+    ref_grads = torch.autograd.grad(ref, [xd, gd, *lora.parameters()], up.double())
+    out, grads, peak = res["chunked"]
+    assert rel_err(out, ref) < 1e-2
+    for g, rg, wg_ in zip(grads, ref_grads, res["recompute"][1]):
+        assert rel_err(g, rg) < 2e-2 and rel_err(g, wg_) < 2e-2
+    assert peak < res["recompute"][2]
 
 
 def test_stack_nf4_is_exact():
@@ -195,7 +247,7 @@ def test_lora_one_projection_and_none():
 
 # ----- quantized experts -----
 
-@pytest.mark.parametrize("dequant", ["recompute", "cache"])
+@pytest.mark.parametrize("dequant", ["chunked", "recompute", "cache"])
 @pytest.mark.parametrize("nested", [False, True])
 @pytest.mark.parametrize("lora_rank", [0, 4])
 def test_quantized_experts_match_dequantized_oracle(dequant, nested, lora_rank):
@@ -204,7 +256,8 @@ def test_quantized_experts_match_dequantized_oracle(dequant, nested, lora_rank):
     w2 = torch.randn(e, h, i) / i ** 0.5
     mod = QuantizedGroupedExperts(quantize_nf4(w1, nested=nested), quantize_nf4(w2, nested=nested),
                                   dequant=dequant, compute_dtype=torch.float32,
-                                  lora_rank=lora_rank, lora_alpha=8)
+                                  lora_rank=lora_rank, lora_alpha=8,
+                                  dequant_chunk_bytes=2 * 2 * i * h * 4)  # 2 experts (of 6)
     if mod.lora is not None:
         torch.nn.init.normal_(mod.lora.gate_up_b)
         torch.nn.init.normal_(mod.lora.down_b)
@@ -233,7 +286,8 @@ def test_recompute_keeps_no_dense_stack_on_tape():
     e, h, i = 4, 32, 16
     calls = []
     mod = QuantizedGroupedExperts.from_dense(torch.randn(e, h, 2 * i), torch.randn(e, i, h),
-                                             compute_dtype=torch.float32, lora_rank=2)
+                                             compute_dtype=torch.float32, lora_rank=2,
+                                             dequant="recompute")
     orig = mod.dense_weights
 
     def counted():
@@ -257,6 +311,185 @@ def test_recompute_keeps_no_dense_stack_on_tape():
         qe.dequantize_nf4 = real
     assert forward_calls == 2 and len(n) == 4  # gate_up and down rebuilt once each
     assert x.grad is not None and mod.lora.gate_up_a.grad is not None
+
+
+def test_dequantize_experts_is_a_bit_exact_slice():
+    """Any expert range, expert sizes that are and are not whole blocks, nested scales."""
+    for shape in [(5, 7, 9), (4, 64, 130), (3, 128, 64), (1, 1, 33)]:
+        for nested in (False, True):
+            t = quantize_nf4(_weights(shape), nested=nested)
+            full = dequantize_nf4(t, torch.float32, backend="torch")
+            for a in range(shape[0] + 1):
+                for b in range(a, shape[0] + 1):
+                    got = dequantize_nf4_experts(t, a, b, torch.float32, backend="torch")
+                    assert torch.equal(got, full[a:b]), (shape, nested, a, b)
+    with pytest.raises(ValueError, match="bad range"):
+        dequantize_nf4_experts(t, 0, 2)
+
+
+def test_plan_chunks_cover_rows_and_skip_empty():
+    ids = torch.tensor([[0, 3], [3, 6], [0, 6], [6, 3]])  # experts 1, 2, 4, 5 empty
+    routing = build_routing(ids, 7)
+    for per in range(1, 9):
+        chunks = plan_chunks(routing, per)
+        assert all(c.e1 - c.e0 <= per and c.r1 > c.r0 for c in chunks)
+        assert [c.r0 for c in chunks[1:]] == [c.r1 for c in chunks[:-1]]
+        assert chunks[0].r0 == 0 and chunks[-1].r1 == 8
+        for c in chunks:
+            assert c.offs.tolist() == [o - c.r0 for o in routing.offsets[c.e0:c.e1].tolist()]
+    assert [(c.e0, c.e1) for c in plan_chunks(routing, 1)] == [(0, 1), (3, 4), (6, 7)]
+    assert len(plan_chunks(routing, 3)) == 3  # [0, 3) [3, 6) [6, 7)
+    with pytest.raises(ValueError, match="experts_per_chunk"):
+        plan_chunks(routing, 0)
+
+
+def _chunked_case(activation, bias, layout, t=29, h=24, i=20, e=7, k=3, load="skewed", r=3):
+    gen = torch.Generator().manual_seed(e * 100 + t)
+    wg = torch.randn(e, 2 * i, h, generator=gen) / h ** 0.5
+    wd = torch.randn(e, h, i, generator=gen) / i ** 0.5
+    if layout == "in_out":
+        wg, wd = wg.transpose(-1, -2).contiguous(), wd.transpose(-1, -2).contiguous()
+    b1 = (torch.randn(e, 2 * i, generator=gen) * 0.1).requires_grad_() if bias else None
+    b2 = (torch.randn(e, h, generator=gen) * 0.1).requires_grad_() if bias else None
+    x = torch.randn(t, h, generator=gen, requires_grad=True)
+    ids = make_ids(t, k, e, load)
+    gates = (torch.rand(t, k, generator=gen) + 0.1).requires_grad_()
+    lora = ExpertLoRA(
+        LoRAFactors(torch.randn(e, h, r, generator=gen).requires_grad_(),
+                    torch.randn(e, r, 2 * i, generator=gen).requires_grad_(), 0.5),
+        LoRAFactors(torch.randn(e, i, r, generator=gen).requires_grad_(),
+                    torch.randn(e, r, h, generator=gen).requires_grad_(), 2.0))
+    return wg, wd, b1, b2, x, ids, gates, lora
+
+
+@pytest.mark.parametrize("activation,bias,layout", [("swiglu", False, "out_in"),
+                                                    ("gptoss", True, "in_out")])
+@pytest.mark.parametrize("per_chunk", [1, 3, 7, 100])  # one expert, not dividing E, all
+@pytest.mark.parametrize("save", ["h", "none"])
+@pytest.mark.parametrize("load", ["skewed", "single"])
+def test_chunked_matches_oracle_and_unchunked(activation, bias, layout, per_chunk, save, load):
+    """Chunked dequantize vs the fp64 oracle on the same NF4 weights and vs the whole-stack
+    path (fp32): output and gradients of x, router weights, biases and LoRA factors.
+    Sizes are not multiples of 8; "skewed" leaves experts empty, "single" uses k of 7."""
+    wg, wd, b1, b2, x, ids, gates, lora = _chunked_case(activation, bias, layout, load=load)
+    i, h = 20, 24
+    qg, qd = quantize_nf4(wg), quantize_nf4(wd)
+
+    def run(dequant):
+        mod = QuantizedGroupedExperts(qg, qd, activation, b1, b2, layout=layout, dequant=dequant,
+                                      compute_dtype=torch.float32, save=save,
+                                      dequant_chunk_bytes=per_chunk * 2 * i * h * 4)
+        assert dequant != "chunked" or mod.experts_per_chunk() == per_chunk
+        return mod(x, ids, gates, lora=lora)
+
+    leaves = [x, gates, lora.gate_up.a, lora.gate_up.b, lora.down.a, lora.down.b]
+    leaves += [b1, b2] if bias else []
+    names = ["x", "gates", "A1", "B1", "A2", "B2", "b1", "b2"]
+    out = run("chunked")
+    up = torch.randn_like(out)
+    grads = torch.autograd.grad(out, leaves, up)
+    whole = run("recompute")
+    whole_grads = torch.autograd.grad(whole, leaves, up)
+
+    d1, d2 = (dequantize_nf4(q).double() for q in (qg, qd))
+    if layout == "out_in":
+        d1, d2 = d1.transpose(-1, -2), d2.transpose(-1, -2)
+    d1 = d1 + lora.gate_up.delta().double()
+    d2 = d2 + lora.down.delta().double()
+    dbl = [None if b is None else b.double() for b in (b1, b2)]
+    ref = expert_mlp_reference(x.double(), ids, gates.double(), d1, d2, *dbl, activation)
+    ref_grads = torch.autograd.grad(ref, leaves, up.double())
+    assert rel_err(out, ref) < 1e-5 and rel_err(out, whole) < 1e-5
+    for name, g, rg, wg_ in zip(names, grads, ref_grads, whole_grads):
+        assert rel_err(g, rg) < 1e-5, name
+        assert rel_err(g, wg_) < 1e-5, name
+
+
+def test_chunked_without_lora_or_grads():
+    """No LoRA; and only some inputs requiring grad (skipped gradients stay None)."""
+    wg, wd, _, _, x, ids, gates, _ = _chunked_case("swiglu", False, "out_in")
+    mod = QuantizedGroupedExperts(quantize_nf4(wg), quantize_nf4(wd), compute_dtype=torch.float32,
+                                  dequant_chunk_bytes=2 * 40 * 24 * 4)
+    d1, d2 = (dequantize_nf4(q).double().transpose(-1, -2) for q in (mod.gate_up_q, mod.down_q))
+    out = mod(x, ids, gates.detach())
+    ref = expert_mlp_reference(x.double(), ids, gates.double(), d1, d2)
+    assert rel_err(out, ref) < 1e-5
+    (dx,) = torch.autograd.grad(out, [x], out.detach())
+    (rdx,) = torch.autograd.grad(ref, [x], out.detach().double())
+    assert rel_err(dx, rdx) < 1e-5
+    out = mod(x.detach(), ids, gates)
+    (dg,) = torch.autograd.grad(out, [gates], out.detach())
+    (rdg,) = torch.autograd.grad(expert_mlp_reference(x.double(), ids, gates.double(), d1, d2),
+                                 [gates], out.detach().double())
+    assert rel_err(dg, rdg) < 1e-5
+
+
+@pytest.mark.parametrize("dequant", ["chunked", "recompute"])
+def test_chunked_never_allocates_a_whole_stack(dequant):
+    """Every float tensor made during a training step (forward and backward) is at most two
+    experts' gate_up weights with a two-expert budget; the whole-stack path makes a full one."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    e, h, i, t, k = 8, 64, 32, 16, 2
+    per_expert = 2 * i * h
+    mod = QuantizedGroupedExperts.from_dense(torch.randn(e, h, 2 * i), torch.randn(e, i, h),
+                                             compute_dtype=torch.float32, lora_rank=4,
+                                             dequant=dequant,
+                                             dequant_chunk_bytes=2 * per_expert * 4)
+    x = torch.randn(t, h, requires_grad=True)
+    ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
+    gates = torch.rand(t, k, requires_grad=True)
+    biggest = [0]
+
+    class Largest(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else (out,)):
+                if isinstance(o, torch.Tensor) and o.is_floating_point():  # not the codes
+                    biggest[0] = max(biggest[0], o.numel())
+            return out
+
+    with Largest():
+        mod(x, ids, gates).sum().backward()
+    assert x.grad is not None and mod.lora.gate_up_b.grad is not None
+    if dequant == "chunked":
+        assert biggest[0] <= 2 * per_expert + 2 * 64  # two experts and at most two extra blocks
+    else:
+        assert biggest[0] >= e * per_expert
+
+
+def test_chunked_saves_only_x_h_and_rank_r_intermediates():
+    """What the step keeps for backward: x, the sorted router weights, h [rows, 2I], x A and
+    a A [rows, r] (and the small LoRA factors); no permuted copy of x, no dense weights."""
+    wg, wd, _, _, x, ids, gates, lora = _chunked_case("swiglu", False, "out_in", r=2)
+    mod = QuantizedGroupedExperts(quantize_nf4(wg), quantize_nf4(wd), compute_dtype=torch.float32,
+                                  dequant_chunk_bytes=3 * 40 * 24 * 4)
+    out = mod(x, ids, gates, lora=lora)
+    node = out.grad_fn
+    rows, r = ids.numel(), 2
+    kept = [t for t in node.saved_tensors if t is not None]
+    kept += [t for t in node.hs + node.us + node.vs if t is not None]
+    factors = sum(t.numel() for t in (lora.gate_up.a, lora.gate_up.b, lora.down.a, lora.down.b))
+    assert sum(t.numel() for t in kept) == (x.numel() + rows + rows * 40 + 2 * rows * r
+                                            + factors)
+    assert any(t is x for t in node.saved_tensors)  # the caller's x, not a copy
+
+
+@pytest.mark.parametrize("t,e,k", [(0, 4, 2), (5, 1, 1)])
+def test_chunked_no_tokens_and_one_expert(t, e, k):
+    h, i = 16, 8
+    mod = QuantizedGroupedExperts.from_dense(torch.randn(e, h, 2 * i), torch.randn(e, i, h),
+                                             compute_dtype=torch.float32, lora_rank=2,
+                                             dequant_chunk_bytes=1)
+    x = torch.randn(t, h, requires_grad=True)
+    ids = make_ids(t, k, e)
+    gates = torch.rand(t, k, requires_grad=True)
+    out = mod(x, ids, gates)
+    d1, d2 = (dequantize_nf4(q).double() for q in (mod.gate_up_q, mod.down_q))
+    ref = expert_mlp_reference(x.double(), ids, gates.double(), d1, d2)
+    assert out.shape == (t, h) and (t == 0 or rel_err(out, ref) < 1e-5)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and mod.lora.gate_up_a.grad is not None
 
 
 # ----- peft interop -----
@@ -333,6 +566,9 @@ def test_qlora_bench_smoke(tmp_path):
     from groupmoe.bench.qlora import main
 
     out = tmp_path / "qlora.json"
-    rows = main(["--smoke", "--out", str(out)])
-    assert out.exists() and len(rows) == 2
+    rows = main(["--smoke", "--out", str(out), "--variants", "chunked:0.01", "recompute"])
+    assert out.exists() and len(rows) == 4
+    assert [r["variant"] for r in rows[:2]] == ["chunked:0.01", "recompute"]
     assert all(r["rel_diff_vs_loop"] < 1e-4 for r in rows)
+    with pytest.raises(ValueError, match="bad variant"):
+        main(["--smoke", "--out", str(out), "--variants", "chunked"])

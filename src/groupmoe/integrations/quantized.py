@@ -141,16 +141,16 @@ def describe(module: nn.Module) -> str | None:
 def quantized_forward(module: nn.Module, stacks: tuple[NF4Tensor, NF4Tensor], act: Activation,
                       x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                       lora) -> torch.Tensor:
-    """The experts computation on NF4 stacks: dequantize all experts once (rebuilt in backward,
-    not kept), grouped GEMMs, optional grouped LoRA. Biases stay the module's (trainable or
-    not)."""
+    """The experts computation on NF4 stacks: dequantize a range of experts at a time (forward
+    and backward, see :class:`QuantizedGroupedExperts`), grouped GEMMs, optional grouped LoRA.
+    Biases stay the module's (trainable or not)."""
     from ..quant.experts import QuantizedGroupedExperts
 
     b1 = getattr(module, "gate_up_proj_bias", None) if module.has_bias else None
     b2 = getattr(module, "down_proj_bias", None) if module.has_bias else None
     experts = QuantizedGroupedExperts(
         stacks[0], stacks[1], activation=act, gate_up_bias=b1, down_bias=b2,
-        layout="in_out" if module.is_transposed else "out_in", dequant="recompute",
+        layout="in_out" if module.is_transposed else "out_in",
         compute_dtype=x.dtype)
     return experts(x, top_k_index, top_k_weights, lora=lora)
 

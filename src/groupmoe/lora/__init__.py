@@ -1,7 +1,9 @@
 """LoRA on experts, grouped (and peft interop)."""
 
+from .chunked import chunked_expert_mlp
 from .experts import ExpertLoRA, ExpertLoRAModule, LoRAFactors, concat_outputs, expert_mlp_lora
 from .peft import lora_factors_from_linears, lora_from_peft_param_wrapper, unwrap_param_wrappers
 
-__all__ = ["ExpertLoRA", "ExpertLoRAModule", "LoRAFactors", "concat_outputs", "expert_mlp_lora",
-           "lora_factors_from_linears", "lora_from_peft_param_wrapper", "unwrap_param_wrappers"]
+__all__ = ["ExpertLoRA", "ExpertLoRAModule", "LoRAFactors", "chunked_expert_mlp",
+           "concat_outputs", "expert_mlp_lora", "lora_factors_from_linears",
+           "lora_from_peft_param_wrapper", "unwrap_param_wrappers"]

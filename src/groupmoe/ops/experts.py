@@ -115,14 +115,22 @@ def bias_prob_grads(
     ``dbias_e = sum_{i in e} prob_i dy_i`` and ``dprob_i = <dy_i, bias_e>``; a fused Triton
     kernel on CUDA, this torch formula elsewhere.
     """
+    return bias_prob_grads_rows(dy, prob, bias, routing.offsets, routing.expert_index)
+
+
+def bias_prob_grads_rows(
+    dy: torch.Tensor, prob: torch.Tensor, bias: torch.Tensor, offsets: torch.Tensor,
+    expert_index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`bias_prob_grads` of expert-sorted rows given their group ends ``offsets [E]``
+    and experts ``expert_index`` (``bias [E, H]``), e.g. a contiguous range of experts."""
     if use_triton(dy):
         from ..kernels.bias_prob import bias_prob_grads as kernel
 
-        return kernel(dy, prob, bias, routing.offsets, routing.expert_index)
+        return kernel(dy, prob, bias, offsets, expert_index)
     dyf = to_accum(dy)
-    dbias = segment_sum(dyf * prob.to(dyf.dtype).unsqueeze(1), routing.expert_index,
-                        routing.num_experts)
-    dprob = (dyf * bias.to(dyf.dtype).index_select(0, routing.expert_index)).sum(1)
+    dbias = segment_sum(dyf * prob.to(dyf.dtype).unsqueeze(1), expert_index, bias.shape[0])
+    dprob = (dyf * bias.to(dyf.dtype).index_select(0, expert_index)).sum(1)
     return dbias, dprob
 
 

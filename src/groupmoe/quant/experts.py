@@ -1,9 +1,15 @@
-"""Frozen NF4 experts on the grouped path: dequantize all experts once per step, then run the
-grouped expert MLP (optionally with grouped LoRA) on the dense stacks.
+"""Frozen NF4 experts on the grouped path, optionally with grouped LoRA.
 
-``dequant="recompute"`` keeps no dense stack on the autograd tape: a saved-tensor hook swaps
-each saved view of a dequantized stack for a recipe and rebuilds it in backward (one extra
-dequantize per stack, cheap next to the GEMMs). ``"cache"`` keeps the stacks saved.
+``dequant="chunked"`` (default) dequantizes a range of experts at a time, forward and backward
+(:mod:`groupmoe.lora.chunked`): the dense bf16 stacks never exist whole and the step is one
+autograd node that saves only ``x``, ``h`` and rank-``r`` LoRA intermediates. The range size
+comes from ``dequant_chunk_bytes`` (the largest dequantized chunk of one stack): smaller means
+less memory (weights and per-chunk activations) but more, smaller GEMM launches; experts are
+never split, so one expert's weights is the floor.
+
+``dequant="recompute"`` dequantizes whole stacks and keeps none on the autograd tape: a
+saved-tensor hook swaps each saved view of a dequantized stack for a recipe and rebuilds it in
+backward. ``"cache"`` keeps the whole stacks saved (most memory).
 """
 
 from __future__ import annotations
@@ -14,15 +20,20 @@ from typing import Literal
 import torch
 from torch import nn
 
+from ..lora.chunked import chunked_expert_mlp
 from ..lora.experts import ExpertLoRA, ExpertLoRAModule, expert_mlp_lora
 from ..ops.activations import get_activation
 from ..ops.checks import check
 from ..ops.experts import SaveMode, expert_mlp
 from ..ops.recompute import recompute_saved
 from ..ops.routing import build_routing
-from .nf4 import Backend, NF4Tensor, dequantize_nf4, quantize_nf4
+from .nf4 import Backend, NF4Tensor, dequantize_nf4, dequantize_nf4_experts, quantize_nf4
 
-DequantMode = Literal["recompute", "cache"]
+DequantMode = Literal["chunked", "recompute", "cache"]
+DEQUANT_MODES = ("chunked", "recompute", "cache")
+# Default dequantized chunk: 256 MiB per stack chunk (qwen3-30b-a3b gate_up: 32 of 128 experts;
+# gpt-oss-20b gate_up: 8 of 32), about a quarter of the largest stacks measured.
+DEFAULT_CHUNK_BYTES = 256 * 2 ** 20
 Layout = Literal["out_in", "in_out"]
 
 
@@ -39,27 +50,34 @@ class QuantizedGroupedExperts(nn.Module):
             ``[E, I, H]`` for ``"in_out"`` (gpt-oss).
         gate_up_bias, down_bias: optional frozen per-expert biases ``[E, 2I]``, ``[E, H]``.
         activation: ``"swiglu"`` or ``"gptoss"``.
-        dequant: ``"recompute"`` (rebuild the dense stacks in backward) or ``"cache"``.
+        dequant: ``"chunked"`` (a range of experts at a time; least memory), ``"recompute"``
+            (whole stacks, rebuilt in backward) or ``"cache"`` (whole stacks kept).
+        dequant_chunk_bytes: with ``"chunked"``, the most bytes of one stack dequantized at
+            once (rounded down to whole experts, at least one expert).
         compute_dtype: dtype of the dequantized stacks and the GEMMs.
-        save: the fused path's ``save`` (``"h"`` or ``"none"``), used without LoRA.
+        save: ``"h"`` keeps the gate_up output for backward, ``"none"`` recomputes it (with
+            ``"chunked"``, or without LoRA).
         lora_rank, lora_alpha, lora_targets: add trainable grouped LoRA (rank 0: none).
         backend: dequantize backend (see :func:`dequantize_nf4`).
     """
 
     def __init__(self, gate_up: NF4Tensor, down: NF4Tensor, activation: str = "swiglu",
                  gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
-                 layout: Layout = "out_in", dequant: DequantMode = "recompute",
+                 layout: Layout = "out_in", dequant: DequantMode = "chunked",
+                 dequant_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
                  compute_dtype: torch.dtype = torch.bfloat16, save: SaveMode = "h",
                  lora_rank: int = 0, lora_alpha: float | None = None,
                  lora_targets: tuple[str, ...] = ("gate_up", "down"), backend: Backend = "auto"):
         super().__init__()
         check(layout in ("out_in", "in_out"), f"QuantizedGroupedExperts: bad layout {layout!r}")
-        check(dequant in ("recompute", "cache"),
-              f"QuantizedGroupedExperts: dequant must be 'recompute' or 'cache', got {dequant!r}")
+        check(dequant in DEQUANT_MODES,
+              f"QuantizedGroupedExperts: dequant must be one of {DEQUANT_MODES}, got {dequant!r}")
+        check(dequant_chunk_bytes >= 1, f"QuantizedGroupedExperts: dequant_chunk_bytes must be "
+              f">= 1, got {dequant_chunk_bytes}")
         check(len(gate_up.shape) == 3 and len(down.shape) == 3,
               "QuantizedGroupedExperts: gate_up and down must be 3-D [E, ., .] NF4 stacks")
         self.layout, self.dequant, self.save, self.backend = layout, dequant, save, backend
-        self.compute_dtype = compute_dtype
+        self.compute_dtype, self.dequant_chunk_bytes = compute_dtype, dequant_chunk_bytes
         self.activation = get_activation(activation)
         e, h, two_i = _transposed(torch.empty(gate_up.shape, device="meta"), layout).shape
         self.num_experts, self.hidden_size, self.intermediate_size = e, h, two_i // 2
@@ -90,6 +108,18 @@ class QuantizedGroupedExperts(nn.Module):
         w2 = dequantize_nf4(self.down_q, self.compute_dtype, self.backend)
         return _transposed(w1, self.layout), _transposed(w2, self.layout)
 
+    def expert_weights(self, which: str, start: int, stop: int) -> torch.Tensor:
+        """Dequantized ``gate_up`` or ``down`` of experts ``[start, stop)``, ``[n, in, out]``."""
+        q = self.gate_up_q if which == "gate_up" else self.down_q
+        w = dequantize_nf4_experts(q, start, stop, self.compute_dtype, self.backend)
+        return _transposed(w, self.layout)
+
+    def experts_per_chunk(self) -> int:
+        """Experts per dequantized range under ``dequant_chunk_bytes`` (at least one)."""
+        per_expert = max(q.numel // self.num_experts for q in (self.gate_up_q, self.down_q))
+        size = per_expert * torch.empty(0, dtype=self.compute_dtype).element_size()
+        return max(1, self.dequant_chunk_bytes // size)
+
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gate_weights: torch.Tensor,
                 lora: ExpertLoRA | None = None) -> torch.Tensor:
         """``x [T, H]``, ``expert_ids [T, k]``, ``gate_weights [T, k]`` -> ``[T, H]``.
@@ -98,11 +128,23 @@ class QuantizedGroupedExperts(nn.Module):
         """
         check(x.dtype == self.compute_dtype,
               f"QuantizedGroupedExperts: x is {x.dtype}, compute dtype is {self.compute_dtype}")
+        check(x.dim() == 2 and x.shape[1] == self.hidden_size,
+              f"QuantizedGroupedExperts: x must be [tokens, {self.hidden_size}], got "
+              f"{tuple(x.shape)}")
         routing = build_routing(expert_ids, self.num_experts)
         if lora is None and self.lora is not None:
             lora = self.lora.factors()
         b1 = None if self.gate_up_bias is None else self.gate_up_bias.to(x.dtype)
         b2 = None if self.down_bias is None else self.down_bias.to(x.dtype)
+        if self.dequant == "chunked":
+            e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
+            if lora is not None and lora.gate_up is not None:
+                lora.gate_up.check(e, h, 2 * i, "QuantizedGroupedExperts gate_up")
+            if lora is not None and lora.down is not None:
+                lora.down.check(e, i, h, "QuantizedGroupedExperts down")
+            return chunked_expert_mlp(x, routing, gate_weights, self.expert_weights,
+                                      self.experts_per_chunk(), self.activation, lora, b1, b2,
+                                      self.save)
         w1, w2 = self.dense_weights()
         ctx = contextlib.nullcontext()
         if self.dequant == "recompute":

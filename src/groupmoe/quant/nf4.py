@@ -193,15 +193,15 @@ def nest_absmax(t: NF4Tensor) -> NF4Tensor:
     return replace(t, absmax=qabs, absmax2=absmax2, code2=code2, offset=offset)
 
 
-def absmax_fp32(t: NF4Tensor) -> torch.Tensor:
-    """The fp32 per-block scales (dequantizing the nested absmax when needed; small)."""
+def absmax_fp32(t: NF4Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """The fp32 per-block scales of blocks ``[start, stop)`` (all by default), dequantizing the
+    nested absmax when needed (small)."""
+    stop = t.absmax.numel() if stop is None else stop
     if not t.nested:
-        return t.absmax
-    vals = t.code2[t.absmax.long()]
-    pad = (-vals.numel()) % t.blocksize2
-    vals = torch.nn.functional.pad(vals, (0, pad)).view(-1, t.blocksize2)
-    absmax = (vals * t.absmax2.unsqueeze(1)).reshape(-1)[: t.absmax.numel()]
-    return absmax + t.offset  # a separate add (no FMA), as bitsandbytes does
+        return t.absmax[start:stop]
+    vals = t.code2[t.absmax[start:stop].long()]
+    scale2 = t.absmax2[torch.arange(start, stop, device=t.device) // t.blocksize2]
+    return vals * scale2 + t.offset  # product, then a separate add (no FMA), as bitsandbytes
 
 
 def _dequant_torch(t: NF4Tensor, dtype: torch.dtype, absmax: torch.Tensor) -> torch.Tensor:
@@ -260,6 +260,28 @@ def dequantize_nf4(t: NF4Tensor, dtype: torch.dtype | None = None,
         from .nf4_triton import dequantize_nf4_triton
         return dequantize_nf4_triton(t.packed, absmax, t.shape, t.blocksize, dtype)
     return _dequant_torch(t, dtype, absmax)
+
+
+def dequantize_nf4_experts(t: NF4Tensor, start: int, stop: int, dtype: torch.dtype | None = None,
+                           backend: Backend = "auto") -> torch.Tensor:
+    """``dequantize_nf4(t)[start:stop]`` (a range of experts of a stack) without dequantizing
+    the rest: bit-identical to slicing the whole result.
+
+    Only the 4-bit blocks covering the range are dequantized (at most two blocks more than the
+    range when an expert's size is not a multiple of the blocksize).
+    """
+    check(len(t.shape) >= 1 and 0 <= start <= stop <= t.shape[0],
+          f"dequantize_nf4_experts: bad range [{start}, {stop}) of {t.shape[0]} experts")
+    per = t.numel // t.shape[0] if t.shape[0] else 0
+    first, last = start * per, stop * per  # element range
+    b0, b1 = first // t.blocksize, -(-last // t.blocksize)
+    e0 = b0 * t.blocksize  # first covered element (even: blocksize is even)
+    n = min(b1 * t.blocksize, t.numel) - e0
+    part = NF4Tensor(t.packed.reshape(-1)[e0 // 2: e0 // 2 + (n + 1) // 2],
+                     absmax_fp32(t, b0, b1).contiguous(), torch.Size((n,)), t.dtype,
+                     t.blocksize)
+    flat = dequantize_nf4(part, dtype, backend)
+    return flat[first - e0: last - e0].view(stop - start, *t.shape[1:])
 
 
 def stack_nf4(parts: list[NF4Tensor]) -> NF4Tensor:
