@@ -90,10 +90,11 @@ class _count_calls:
 
 
 def case_expert_bwd(t, h, inter, e, k, load, dtype, activation, bias, save, layout="in_out",
-                    device="cpu", scale=1.0, store=False):
+                    device="cpu", scale=1.0, store=False, weight_grad=True, gate_grad=True):
     """expert_mlp(backend="triton") forward + backward vs the fp64 loop: max rel err over the
     output and every gradient (x, gates, w1, w2, b1, b2). ``store=True`` defers dW to a
-    WeightGradStore and pops it."""
+    WeightGradStore and pops it; ``weight_grad=False`` / ``gate_grad=False``: frozen experts
+    (their grads must stay None) / router weights without grad."""
     vals, ids, up = _problem(t, h, inter, e, k, load, bias, scale)
     ref = _leaves(vals, F64, "cpu", "in_out")
     out_ref = expert_mlp_reference(ref["x"], ids, ref["gates"], ref["w1"], ref["w2"], ref["b1"],
@@ -102,12 +103,15 @@ def case_expert_bwd(t, h, inter, e, k, load, dtype, activation, bias, save, layo
     ref_grads = _grads(ref, "in_out")
 
     leaves = _leaves(vals, dtype, device, layout)
+    if not gate_grad:
+        leaves["gates"].requires_grad_(False)
     w1, w2 = _weights(leaves, layout)
     routing = build_routing(ids.to(device), e)
 
     def step():
         out = expert_mlp(leaves["x"], routing, leaves["gates"], w1, w2, leaves["b1"],
-                         leaves["b2"], activation, save=save, backend="triton")
+                         leaves["b2"], activation, save=save, backend="triton",
+                         weight_grad=weight_grad)
         out.backward(up.to(device, dtype))
         return out
 
@@ -123,8 +127,14 @@ def case_expert_bwd(t, h, inter, e, k, load, dtype, activation, bias, save, layo
     else:
         out = step()
     calls.restore()
-    assert calls.counts == {"down_backward": 1, "grouped_wgrad": 2}, calls.counts
+    assert calls.counts == {"down_backward": 1, "grouped_wgrad": 2 * weight_grad}, calls.counts
     got = _grads(leaves, layout)
+    frozen = {"gates"} if not gate_grad else set()
+    if not weight_grad:
+        frozen |= {"w1", "w2", "b1", "b2"}
+    for n in frozen:
+        assert got.pop(n, None) is None, f"{n} got a gradient"
+        ref_grads.pop(n, None)
     errs = [rel_err(out, out_ref)] + [rel_err(got[n], ref_grads[n]) for n in ref_grads]
     return max(errs)
 
@@ -240,6 +250,12 @@ CASES = {
     "mlp-bf16-gptoss-bias": (case_expert_bwd, dict(t=13, h=20, inter=12, load="random",
                                                    dtype=BF16, activation="gptoss", bias=True,
                                                    save="h", scale=3.0, **E5), 3e-2),
+    "mlp-frozen-experts-no-gate-grad": (case_expert_bwd, dict(
+        t=13, h=20, inter=12, load="random", dtype=F32, activation="gptoss", bias=True,
+        save="h", weight_grad=False, gate_grad=False, **E5), 1e-5),
+    "mlp-frozen-experts": (case_expert_bwd, dict(t=13, h=20, inter=12, load="random", dtype=F32,
+                                                 activation="swiglu", bias=False, save="none",
+                                                 weight_grad=False, **E5), 1e-5),
     "mlp-deferred-dw": (case_expert_bwd, dict(t=13, h=20, inter=12, load="skewed", dtype=F32,
                                               activation="swiglu", bias=True, save="h",
                                               layout="transposed", store=True, **E5), 1e-5),

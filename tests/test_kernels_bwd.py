@@ -91,3 +91,16 @@ def test_gpu_backward_is_deterministic():
         expert_mlp(x, r, gates, w1, w2, backend="triton").backward(up)
         grads.append([leaf.grad.clone() for leaf in (x, gates, w1, w2)])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@gpu
+def test_gpu_auto_keeps_the_torch_backward():
+    """auto picks the fused forward for down-bias experts but not (yet) the fused backward."""
+    from groupmoe.ops import get_activation
+    from groupmoe.ops.backend import resolve_backend
+
+    x = torch.zeros(4, 8, device="cuda", dtype=BF16)
+    act = get_activation("gptoss")
+    assert resolve_backend("auto", x, act, down_bias=True) == "triton-forward"
+    assert resolve_backend("auto", x, act, down_bias=False) == "torch"
+    assert resolve_backend("triton", x, act, down_bias=False) == "triton"

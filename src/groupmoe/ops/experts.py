@@ -151,7 +151,7 @@ class ExpertMLPFunction(torch.autograd.Function):
                 save: SaveMode, input_grad: bool, weight_grad: bool, backend: str,
                 deferred: tuple[DeferredWeight | None, DeferredWeight | None]):
         g = gate_weights.reshape(-1).index_select(0, routing.order)
-        if backend == "triton":  # fused gather + grouped GEMM forward kernels
+        if backend in ("triton", "triton-forward"):  # fused gather + grouped GEMM kernels
             from ..kernels.experts import expert_forward
 
             h, out = expert_forward(x, g, w1, w2, b1, b2, routing, act, store_h=save == "h")
@@ -271,8 +271,8 @@ def expert_mlp(
             stays ``None``); ``None`` or ``True``: follow ``requires_grad``.
         Tensors that do not require grad never get one, whatever these say; the router
         weights' gradient follows their ``requires_grad`` only.
-        backend: ``"triton"`` runs the forward on the fused gather + grouped GEMM kernels,
-            ``"torch"`` on torch's grouped_mm, ``"auto"`` picks per call (see
+        backend: ``"triton"`` runs forward and backward on the fused gather + grouped GEMM
+            kernels, ``"torch"`` on torch's grouped_mm, ``"auto"`` picks per call (see
             :mod:`groupmoe.ops.backend`); ``None`` takes the process default
             (:func:`~groupmoe.ops.backend.set_backend`, ``GROUPMOE_BACKEND``).
     Returns:
