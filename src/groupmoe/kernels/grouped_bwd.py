@@ -26,17 +26,19 @@ from .activation import act_backward, act_kind
 from .grouped import _autotune_enabled, _dot, _tile_of
 
 # the fixed configs (interpreter, GROUPMOE_TRITON_AUTOTUNE=0)
-DX_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 4, "num_stages": 4}
+DX_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
 WGRAD_CONFIG = {"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
 _MIN_DX_N = 64  # smallest BLOCK_N of the dx configs: sizes the dg partial-sum buffer
 
 
 def _dx_configs() -> list[triton.Config]:
+    # The activation-backward epilogue holds several fp32 tiles: 128x128 tiles spill
+    # kilobytes of registers on sm_90 (ptxas), these at most a few dozen bytes.
     shapes = [  # BLOCK_M, BLOCK_N (act columns), BLOCK_K, warps, stages
-        (128, 64, 64, 4, 4),
-        (128, 128, 64, 8, 3),
-        (64, 128, 64, 4, 4),
-        (128, 128, 64, 4, 4),
+        (64, 64, 64, 8, 4),
+        (128, 64, 64, 8, 3),
+        (64, 128, 64, 8, 3),
+        (128, 64, 32, 8, 4),
     ]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
@@ -102,19 +104,24 @@ def _down_dx_act_kernel(
         w_ptrs += BLOCK_K * stride_wk
 
     mask = row_mask[:, None] & col_mask[None, :]
-    if KIND == 0:  # swiglu: gate and up are the two halves of h
-        c_gate, c_up = cols, cols + INTER
-    else:  # gpt-oss: interleaved
-        c_gate, c_up = 2 * cols, 2 * cols + 1
-    h_rows = h_ptr + rows[:, None] * stride_hm
-    gate = tl.load(h_rows + c_gate[None, :], mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(h_rows + c_up[None, :], mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    act, dgate, dup = act_backward(gate, up, acc * g[:, None], KIND, alpha, limit)
-    out_ty = dh_ptr.dtype.element_ty
+    h_rows = h_ptr + rows[:, None] * stride_hm
     dh_rows = dh_ptr + rows[:, None] * stride_dhm
-    tl.store(dh_rows + c_gate[None, :], dgate.to(out_ty), mask=mask)
-    tl.store(dh_rows + c_up[None, :], dup.to(out_ty), mask=mask)
+    out_ty = dh_ptr.dtype.element_ty
+    if KIND == 0:  # swiglu: gate and up are the two halves of h
+        gate = tl.load(h_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_rows + INTER + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        act, dgate, dup = act_backward(gate, up, acc * g[:, None], KIND, alpha, limit)
+        tl.store(dh_rows + cols[None, :], dgate.to(out_ty), mask=mask)
+        tl.store(dh_rows + INTER + cols[None, :], dup.to(out_ty), mask=mask)
+    else:  # gpt-oss: interleaved; one contiguous [rows, 2 * BLOCK_N] tile of h and of dh
+        hc = 2 * pid_n * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
+        h_mask = row_mask[:, None] & (hc[None, :] < 2 * INTER)
+        hv = tl.load(h_rows + hc[None, :], mask=h_mask, other=0.0).to(tl.float32)
+        gate, up = tl.split(tl.reshape(hv, (BLOCK_M, BLOCK_N, 2)))
+        act, dgate, dup = act_backward(gate, up, acc * g[:, None], KIND, alpha, limit)
+        dhv = tl.reshape(tl.join(dgate, dup), (BLOCK_M, 2 * BLOCK_N))
+        tl.store(dh_rows + hc[None, :], dhv.to(out_ty), mask=h_mask)
     if STORE_A:
         tl.store(a_ptr + rows[:, None] * stride_am + cols[None, :],
                  (act * g[:, None]).to(out_ty), mask=mask)
@@ -178,7 +185,7 @@ def down_dx_act(
             return ((triton.cdiv(n, meta["BLOCK_M"]) + e) * triton.cdiv(inter, meta["BLOCK_N"]),)
 
         if tuned:
-            flags["EVEN_K"] = k % 64 == 0  # every tuned config has BLOCK_K 64
+            flags["EVEN_K"] = k % 64 == 0  # every tuned BLOCK_K divides 64
             _down_dx_act_tuned[grid](*args, **flags)
         else:
             flags["EVEN_K"] = k % cfg["BLOCK_K"] == 0
