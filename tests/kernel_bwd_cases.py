@@ -135,7 +135,8 @@ def case_expert_bwd(t, h, inter, e, k, load, dtype, activation, bias, save, layo
     for n in frozen:
         assert got.pop(n, None) is None, f"{n} got a gradient"
         ref_grads.pop(n, None)
-    errs = [rel_err(out, out_ref)] + [rel_err(got[n], ref_grads[n]) for n in ref_grads]
+    errs = [rel_err(out.cpu(), out_ref)] + [rel_err(got[n].cpu(), ref_grads[n])
+                                            for n in ref_grads]
     return max(errs)
 
 

@@ -71,6 +71,14 @@ def test_gpu_expert_backward(activation, bias, save, layout):
 
 
 @gpu
+@pytest.mark.parametrize("activation", ["swiglu", "gptoss"])
+def test_gpu_expert_backward_fp32(activation):
+    err = case_expert_bwd(300, 200, 72, 7, 2, "random", torch.float32, activation, True, "h",
+                          device="cuda", scale=3.0)
+    assert err < 1e-4
+
+
+@gpu
 def test_gpu_backward_is_deterministic():
     """dg sums per-tile partials in a fixed order, dx sums the k slots in registers, dW
     reduces in one program: two backward passes give bitwise equal gradients."""
