@@ -144,6 +144,9 @@ class ExpertMLPFunction(torch.autograd.Function):
     router weights and, with ``save="h"``, the gate_up output ``h``; with ``save="none"``
     backward recomputes ``h``. The down output is never saved. ``deferred`` (one entry per
     weight, see :mod:`groupmoe.ops.wgrad`) sends dW of a detached weight to a store.
+    ``backend`` (from :func:`~groupmoe.ops.backend.resolve_backend`): ``"triton"`` runs forward
+    and backward on the fused kernels (:mod:`groupmoe.kernels.experts`), ``"triton-forward"``
+    the forward only, ``"torch"`` neither.
     """
 
     @staticmethod
