@@ -62,6 +62,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench_shape(name: str, tokens: int, bench, dev: str = "cuda", shrink: int = 1) -> list[dict]:
+    from ..kernels import grouped_bwd
     from ..kernels.experts import input_grad
     from ..kernels.grouped import combine_rows, gather_grouped_mm, gather_grouped_mm_act
     from ..kernels.grouped_bwd import down_dx_act, grouped_wgrad
@@ -86,7 +87,7 @@ def bench_shape(name: str, tokens: int, bench, dev: str = "cuda", shrink: int = 
     extra = {"alpha": act.alpha, "limit": act.limit} if act_name == "gptoss" else {}
     rows = []
 
-    def row(kernel, flops, torch_fn, triton_fn, compare=None):
+    def row(kernel, flops, torch_fn, triton_fn, compare=None, tuned=None):
         try:
             ref, got = torch_fn(), triton_fn()
         except Exception as exc:  # report and go on: one failure must not cost the run
@@ -98,10 +99,13 @@ def bench_shape(name: str, tokens: int, bench, dev: str = "cuda", shrink: int = 
         rec = {"shape": name, "kernel": kernel, "torch_ms": t_torch, "triton_ms": t_triton,
                "speedup": t_torch / t_triton, "rel_err": err,
                "triton_tflops": flops / t_triton / 1e9 if flops else None}
+        if getattr(tuned, "best_config", None) is not None:  # the tile the autotuner picked
+            rec["config"] = str(tuned.best_config)
         rows.append(rec)
         print(f"{name:14s} {kernel:34s} torch {t_torch:8.3f} ms  triton {t_triton:8.3f} ms  "
               f"x{rec['speedup']:5.2f}  err {err:.1e}"
-              + (f"  {rec['triton_tflops']:6.1f} TFLOP/s" if flops else ""), flush=True)
+              + (f"  {rec['triton_tflops']:6.1f} TFLOP/s" if flops else "")
+              + (f"  [{rec['config']}]" if "config" in rec else ""), flush=True)
 
     gemm1 = 2 * n * h_dim * 2 * inter
     gemm2 = 2 * n * inter * h_dim
@@ -149,15 +153,16 @@ def bench_shape(name: str, tokens: int, bench, dev: str = "cuda", shrink: int = 
     row(f"bwd: down dX+{act_name}' (gather dy)", gemm2, torch_dx_act,
         lambda: down_dx_act(dout, ti, w2, offs, h_saved, g, act, want_a_scaled=True,
                             want_dg=True),
-        compare=lambda got, ref: (got[0], ref[0]))
+        compare=lambda got, ref: (got[0], ref[0]), tuned=grouped_bwd._down_dx_act_tuned)
     dh = torch_dx_act()[0]
     for label, w in (("", w1), (", W^T layout", w1t)):
         row(f"bwd: dW gate_up (gather x){label}", gemm1,
             lambda w=w: grouped_wgrad_like(w, x.index_select(0, ti), dh, offs),
-            lambda w=w: grouped_wgrad(w, x, ti, dh, None, offs))
+            lambda w=w: grouped_wgrad(w, x, ti, dh, None, offs), tuned=grouped_bwd._wgrad_tuned)
     row("bwd: dW down (gather dy)", gemm2,
         lambda: grouped_wgrad_like(w2, a_scaled, dout.index_select(0, ti), offs),
-        lambda: grouped_wgrad(w2, a_scaled, None, dout, ti, offs))
+        lambda: grouped_wgrad(w2, a_scaled, None, dout, ti, offs),
+        tuned=grouped_bwd._wgrad_tuned)
     row("bwd: dX gate_up + combine", gemm1,
         lambda: gather_sum(grouped_mm(dh, w1.transpose(-1, -2), offs), r, dt),
         lambda: input_grad(dh, w1, r, dt))
