@@ -90,11 +90,12 @@ class _count_calls:
 
 
 def case_expert_bwd(t, h, inter, e, k, load, dtype, activation, bias, save, layout="in_out",
-                    device="cpu", scale=1.0, store=False, weight_grad=True, gate_grad=True):
+                    device="cpu", scale=1.0, store=False, weight_grad=True, gate_grad=True,
+                    input_grad=True):
     """expert_mlp(backend="triton") forward + backward vs the fp64 loop: max rel err over the
     output and every gradient (x, gates, w1, w2, b1, b2). ``store=True`` defers dW to a
     WeightGradStore and pops it; ``weight_grad=False`` / ``gate_grad=False``: frozen experts
-    (their grads must stay None) / router weights without grad."""
+    (their grads must stay None) / router weights without grad; ``input_grad=False``: no dx."""
     vals, ids, up = _problem(t, h, inter, e, k, load, bias, scale)
     ref = _leaves(vals, F64, "cpu", "in_out")
     out_ref = expert_mlp_reference(ref["x"], ids, ref["gates"], ref["w1"], ref["w2"], ref["b1"],
@@ -111,7 +112,7 @@ def case_expert_bwd(t, h, inter, e, k, load, dtype, activation, bias, save, layo
     def step():
         out = expert_mlp(leaves["x"], routing, leaves["gates"], w1, w2, leaves["b1"],
                          leaves["b2"], activation, save=save, backend="triton",
-                         weight_grad=weight_grad)
+                         weight_grad=weight_grad, input_grad=input_grad)
         out.backward(up.to(device, dtype))
         return out
 
@@ -129,7 +130,7 @@ def case_expert_bwd(t, h, inter, e, k, load, dtype, activation, bias, save, layo
     calls.restore()
     assert calls.counts == {"down_backward": 1, "grouped_wgrad": 2 * weight_grad}, calls.counts
     got = _grads(leaves, layout)
-    frozen = {"gates"} if not gate_grad else set()
+    frozen = ({"gates"} if not gate_grad else set()) | ({"x"} if not input_grad else set())
     if not weight_grad:
         frozen |= {"w1", "w2", "b1", "b2"}
     for n in frozen:
@@ -257,6 +258,9 @@ CASES = {
     "mlp-frozen-experts": (case_expert_bwd, dict(t=13, h=20, inter=12, load="random", dtype=F32,
                                                  activation="swiglu", bias=False, save="none",
                                                  weight_grad=False, **E5), 1e-5),
+    "mlp-no-input-grad-none": (case_expert_bwd, dict(t=13, h=20, inter=12, load="skewed",
+                                                     dtype=F32, activation="gptoss", bias=True,
+                                                     save="none", input_grad=False, **E5), 1e-5),
     "mlp-deferred-dw": (case_expert_bwd, dict(t=13, h=20, inter=12, load="skewed", dtype=F32,
                                               activation="swiglu", bias=True, save="h",
                                               layout="transposed", store=True, **E5), 1e-5),
