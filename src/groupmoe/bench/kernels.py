@@ -154,6 +154,13 @@ def bench_shape(name: str, tokens: int, bench, dev: str = "cuda", shrink: int = 
         lambda: down_dx_act(dout, ti, w2, offs, h_saved, g, act, want_a_scaled=True,
                             want_dg=True),
         compare=lambda got, ref: (got[0], ref[0]), tuned=grouped_bwd._down_dx_act_tuned)
+    w2t = w2.transpose(-1, -2)
+    # the same with the plain gather GEMM (big tiles) and the separate act-backward kernel:
+    # does fusing the epilogue (small tiles, see grouped_bwd._dx_configs) pay?
+    row(f"bwd: down dX (gather dy), then {act_name}'", gemm2, torch_dx_act,
+        lambda: scaled_backward(act, h_saved, g, gather_grouped_mm(dout, ti, w2t, offs), True,
+                                True),
+        compare=lambda got, ref: (got[0], ref[0]))
     dh = torch_dx_act()[0]
     for label, w in (("", w1), (", W^T layout", w1t)):
         row(f"bwd: dW gate_up (gather x){label}", gemm1,
