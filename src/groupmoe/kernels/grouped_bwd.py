@@ -130,7 +130,9 @@ def _down_dx_act_kernel(
         tl.store(dg_ptr + pid_n.to(tl.int64) * M_ROWS + rows, part, mask=row_mask)
 
 
-_down_dx_act_tuned = triton.autotune(configs=_dx_configs(), key=["K", "INTER", "KIND"],
+# keyed on the shape, the activation and the weight's layout (stride_wk is 1 for [E, I, H])
+_down_dx_act_tuned = triton.autotune(configs=_dx_configs(),
+                                     key=["K", "INTER", "KIND", "stride_wk"],
                                      reset_to_zero=["dg_ptr"])(_down_dx_act_kernel)
 
 
@@ -238,7 +240,11 @@ def _wgrad_kernel(
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=k_mask[:, None] & n_mask[None, :])
 
 
-_wgrad_tuned = triton.autotune(configs=_wgrad_configs(), key=["K", "N", "E"])(_wgrad_kernel)
+# keyed on the shape, which operand is gathered and the output layout (stride_on is 1 for
+# [E, K, N], K for a transposed view)
+_wgrad_tuned = triton.autotune(configs=_wgrad_configs(),
+                               key=["K", "N", "E", "A_INDEX", "DY_INDEX", "stride_on"])(
+    _wgrad_kernel)
 
 
 def grouped_wgrad(
