@@ -63,7 +63,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def bench_shape(name: str, tokens: int, bench, dev: str = "cuda", shrink: int = 1) -> list[dict]:
     from ..kernels import grouped_bwd
-    from ..kernels.experts import input_grad
+    from ..kernels.experts import input_grad_rows, sum_slots
     from ..kernels.grouped import combine_rows, gather_grouped_mm, gather_grouped_mm_act
     from ..kernels.grouped_bwd import down_dx_act, grouped_wgrad
     from ..ops import build_routing, expert_mlp, gather_sum, get_activation, grouped_mm
@@ -172,7 +172,7 @@ def bench_shape(name: str, tokens: int, bench, dev: str = "cuda", shrink: int = 
         tuned=grouped_bwd._wgrad_tuned)
     row("bwd: dX gate_up + combine", gemm1,
         lambda: gather_sum(grouped_mm(dh, w1.transpose(-1, -2), offs), r, dt),
-        lambda: input_grad(dh, w1, r, dt))
+        lambda: sum_slots(input_grad_rows(dh, w1, r), r, dt))
 
     leaves = [t.requires_grad_() for t in (x, gates, w1, w2, b1, b2) if t is not None]
 

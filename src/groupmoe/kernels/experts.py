@@ -10,7 +10,8 @@ from ..ops.routing import Routing
 from .grouped import combine_rows, gather_grouped_mm, gather_grouped_mm_act
 from .grouped_bwd import down_dx_act, grouped_wgrad
 
-__all__ = ["down_backward", "expert_forward", "gate_up", "grouped_wgrad", "input_grad"]
+__all__ = ["down_backward", "expert_forward", "gate_up", "grouped_wgrad", "input_grad_rows",
+           "sum_slots"]
 
 
 def expert_forward(
@@ -48,10 +49,14 @@ def down_backward(dout: torch.Tensor, h: torch.Tensor, g: torch.Tensor, w2: torc
                        want_a_scaled=want_a_scaled, want_dg=want_dg)
 
 
-def input_grad(dh: torch.Tensor, w1: torch.Tensor, routing: Routing, dtype: torch.dtype
-               ) -> torch.Tensor:
-    """``dx [T, H]``: ``dh @ w1[e]^T`` stored at each row's (token, slot) position, then the
-    k-slot sum in fp32 (deterministic)."""
-    dxs = gather_grouped_mm(dh, None, w1.transpose(-1, -2), routing.offsets,
-                            out_index=routing.order)
-    return combine_rows(dxs, routing.top_k, None, dtype)
+def input_grad_rows(dh: torch.Tensor, w1: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """``dh @ w1[e]^T`` with each row stored at its (token, slot) position ``[T*k, H]``, for
+    :func:`sum_slots`."""
+    return gather_grouped_mm(dh, None, w1.transpose(-1, -2), routing.offsets,
+                             out_index=routing.order)
+
+
+def sum_slots(rows: torch.Tensor, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
+    """``[T, H]``: the k slot rows of each token (in (token, slot) order) summed in fp32
+    registers, cast once (deterministic)."""
+    return combine_rows(rows, routing.top_k, None, dtype)

@@ -219,11 +219,14 @@ class ExpertMLPFunction(torch.autograd.Function):
             if need_b1 else None
         dx = None
         if need_x:
-            if fused:
-                dx = kx.input_grad(dh, w1, routing, x.dtype)
+            if fused:  # rows stored at their (token, slot) position, summed in registers
+                dxs = kx.input_grad_rows(dh, w1, routing)
+                del dh
+                dx = kx.sum_slots(dxs, routing, x.dtype)
             else:
-                dx = gather_sum(grouped_mm(dh, w1.transpose(-1, -2), offs), routing, x.dtype)
-        del dh
+                dxs = grouped_mm(dh, w1.transpose(-1, -2), offs)
+                del dh
+                dx = gather_sum(dxs, routing, x.dtype)
         dgate = None
         if need_g:
             dgate = torch.empty_like(dg).index_copy_(0, routing.order, dg)
