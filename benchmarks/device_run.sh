@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests and the benchmarks, results under $OUT. Stages: tests layer
-# layer32k memory wgrad hf qlora kernels peers profile (default: all but kernels and peers;
-# peers needs liger-kernel's wheel in .whl). Run from the repository root.
+# layer32k memory wgrad hf qlora kernels triton-bwd peers profile (default: all but kernels,
+# triton-bwd and peers; peers needs liger-kernel's wheel in .whl). Run from the repository root.
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -26,8 +26,13 @@ for s in $stages; do
     wgrad) python3 -m groupmoe.bench.wgrad_split --out "$OUT/wgrad_split.json" ;;
     hf) python3 -m groupmoe.bench.hf_e2e --out "$OUT/hf_e2e.json" 2>&1 | grep -v "^{" ;;
     qlora) python3 -m groupmoe.bench.qlora --out "$OUT/qlora.json" 2>&1 | tail -11 ;;
-    kernels) timeout 480 python3 -m groupmoe.bench.kernels --out "$OUT/kernels.json" 2>&1 \
-               | tail -40 ;;
+    kernels) timeout 540 python3 -m groupmoe.bench.kernels --out "$OUT/kernels.json" 2>&1 \
+               | tail -60 ;;
+    # fwd+bwd per shape: auto (groupmoe) vs backend torch vs backend triton (fused forward and
+    # backward kernels), with naive and the dense chain for the ratios
+    triton-bwd) python3 -m groupmoe bench --tokens 8192 --modes train --repeat 10 \
+             --impls naive groupmoe groupmoe-torch groupmoe-triton dense \
+             --out "$OUT/layer_triton_bwd.json" | grep '^|' ;;
     peers) LIGER_FUSED_MOE_AUTOTUNE=${LIGER_FUSED_MOE_AUTOTUNE:-0} timeout 240 python3 -m groupmoe \
              bench --shapes qwen3-30b-a3b olmoe-1b-7b mixtral-8x7b --modes train \
              --impls groupmoe liger dense --out "$OUT/peers.json" ;;

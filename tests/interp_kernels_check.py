@@ -60,4 +60,10 @@ for t, k, e, h in ((13, 2, 5, 13), (30, 3, 8, 100), (1, 1, 4, 7)):
     assert db.dtype == dp.dtype == torch.float32
     assert rel_err(db, rdb) < 1e-6 and rel_err(dp, rdp) < 1e-6
     assert torch.count_nonzero(db[e // 2 + 1:]) == 0
+    # dy read in place through a row index (the fused backward's [T, H] output gradient)
+    backend.set_backend("triton")
+    db_i, dp_i = bias_prob_grads(dy[:t], prob, bias, r, r.token_index)
+    backend.set_backend("torch")
+    rdb_i, rdp_i = bias_prob_grads(dy[:t].index_select(0, r.token_index), prob, bias, r)
+    assert rel_err(db_i, rdb_i) < 1e-6 and rel_err(dp_i, rdp_i) < 1e-6
 print("interp-ok")

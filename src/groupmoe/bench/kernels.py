@@ -3,7 +3,9 @@
     python -m groupmoe.bench.kernels --out kernels.json [--tokens 8192] [--shapes qwen3-30b-a3b]
 
 Per shape (bf16, random routing): each kernel and its torch equivalent, then the whole expert
-MLP forward and forward+backward with ``backend="torch"`` vs ``"triton"``. Times are CUDA-event
+MLP forward and forward+backward with ``backend="torch"`` vs ``"triton"`` (whose backward runs
+the fused kernels of :mod:`groupmoe.kernels.grouped_bwd`; the ``bwd:`` rows time them one by
+one). Times are CUDA-event
 medians over ``--iters`` runs after warm-up (which includes autotuning), with L2 flushed before
 each run; beside each, the rel-norm error of the Triton result against torch's.
 ``--no-autotune`` uses one fixed tile config (fast start). The JSON is rewritten after every
@@ -60,8 +62,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def bench_shape(name: str, tokens: int, bench, dev: str = "cuda", shrink: int = 1) -> list[dict]:
+    from ..kernels import grouped_bwd
+    from ..kernels.experts import input_grad_rows, sum_slots
     from ..kernels.grouped import combine_rows, gather_grouped_mm, gather_grouped_mm_act
+    from ..kernels.grouped_bwd import down_dx_act, grouped_wgrad
     from ..ops import build_routing, expert_mlp, gather_sum, get_activation, grouped_mm
+    from ..ops.activations import scaled_backward
+    from ..ops.grouped_gemm import grouped_wgrad_like
 
     h_dim, inter, e, k, act_name, biases = SHAPES[name]
     h_dim, inter, dt = h_dim // shrink, inter // shrink, torch.bfloat16
@@ -80,22 +87,25 @@ def bench_shape(name: str, tokens: int, bench, dev: str = "cuda", shrink: int = 
     extra = {"alpha": act.alpha, "limit": act.limit} if act_name == "gptoss" else {}
     rows = []
 
-    def row(kernel, flops, torch_fn, triton_fn, compare=None):
+    def row(kernel, flops, torch_fn, triton_fn, compare=None, tuned=None):
         try:
             ref, got = torch_fn(), triton_fn()
         except Exception as exc:  # report and go on: one failure must not cost the run
             rows.append({"shape": name, "kernel": kernel, "error": repr(exc)})
-            print(f"{name:14s} {kernel:24s} FAILED: {exc!r}", flush=True)
+            print(f"{name:14s} {kernel:34s} FAILED: {exc!r}", flush=True)
             return
         err = _rel(*(compare(got, ref) if compare else (got, ref)))
         t_torch, t_triton = bench(torch_fn), bench(triton_fn)
         rec = {"shape": name, "kernel": kernel, "torch_ms": t_torch, "triton_ms": t_triton,
                "speedup": t_torch / t_triton, "rel_err": err,
                "triton_tflops": flops / t_triton / 1e9 if flops else None}
+        if getattr(tuned, "best_config", None) is not None:  # the tile the autotuner picked
+            rec["config"] = str(tuned.best_config)
         rows.append(rec)
-        print(f"{name:14s} {kernel:24s} torch {t_torch:8.3f} ms  triton {t_triton:8.3f} ms  "
+        print(f"{name:14s} {kernel:34s} torch {t_torch:8.3f} ms  triton {t_triton:8.3f} ms  "
               f"x{rec['speedup']:5.2f}  err {err:.1e}"
-              + (f"  {rec['triton_tflops']:6.1f} TFLOP/s" if flops else ""), flush=True)
+              + (f"  {rec['triton_tflops']:6.1f} TFLOP/s" if flops else "")
+              + (f"  [{rec['config']}]" if "config" in rec else ""), flush=True)
 
     gemm1 = 2 * n * h_dim * 2 * inter
     gemm2 = 2 * n * inter * h_dim
@@ -130,6 +140,39 @@ def bench_shape(name: str, tokens: int, bench, dev: str = "cuda", shrink: int = 
     y = torch_down()
     row("combine (gather_sum)", None, lambda: gather_sum(y, r, dt),
         lambda: combine_rows(y, k, r.inverse, dt))
+
+    # backward pieces: torch's path (index_select + grouped_mm + the elementwise kernels)
+    # against the fused kernels that read dy / x rows through the routing index
+    dout = torch.randn(tokens, h_dim, device=dev, dtype=dt)
+    h_saved = torch_act()[0]
+
+    def torch_dx_act():
+        da = grouped_mm(dout.index_select(0, ti), w2.transpose(-1, -2), offs)
+        return scaled_backward(act, h_saved, g, da, True, True)
+
+    row(f"bwd: down dX+{act_name}' (gather dy)", gemm2, torch_dx_act,
+        lambda: down_dx_act(dout, ti, w2, offs, h_saved, g, act, want_a_scaled=True,
+                            want_dg=True),
+        compare=lambda got, ref: (got[0], ref[0]), tuned=grouped_bwd._down_dx_act_tuned)
+    w2t = w2.transpose(-1, -2)
+    # the same with the plain gather GEMM (big tiles) and the separate act-backward kernel:
+    # does fusing the epilogue (small tiles, see grouped_bwd._dx_configs) pay?
+    row(f"bwd: down dX (gather dy), then {act_name}'", gemm2, torch_dx_act,
+        lambda: scaled_backward(act, h_saved, g, gather_grouped_mm(dout, ti, w2t, offs), True,
+                                True),
+        compare=lambda got, ref: (got[0], ref[0]))
+    dh = torch_dx_act()[0]
+    for label, w in (("", w1), (", W^T layout", w1t)):
+        row(f"bwd: dW gate_up (gather x){label}", gemm1,
+            lambda w=w: grouped_wgrad_like(w, x.index_select(0, ti), dh, offs),
+            lambda w=w: grouped_wgrad(w, x, ti, dh, None, offs), tuned=grouped_bwd._wgrad_tuned)
+    row("bwd: dW down (gather dy)", gemm2,
+        lambda: grouped_wgrad_like(w2, a_scaled, dout.index_select(0, ti), offs),
+        lambda: grouped_wgrad(w2, a_scaled, None, dout, ti, offs),
+        tuned=grouped_bwd._wgrad_tuned)
+    row("bwd: dX gate_up + combine", gemm1,
+        lambda: gather_sum(grouped_mm(dh, w1.transpose(-1, -2), offs), r, dt),
+        lambda: sum_slots(input_grad_rows(dh, w1, r), r, dt))
 
     leaves = [t.requires_grad_() for t in (x, gates, w1, w2, b1, b2) if t is not None]
 

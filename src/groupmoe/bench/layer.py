@@ -2,8 +2,10 @@
 
 Implementations: ``loop`` (per-expert reference), ``naive`` (sort + grouped_mm + plain
 autograd), ``groupmoe`` (the fused memory-lean Function, ``save="h"``),
-``groupmoe-recompute`` (``save="none"``), peers (:mod:`groupmoe.bench.peers`: ``liger``) and
-``dense``: the same FLOPs as one
+``groupmoe-recompute`` (``save="none"``), ``groupmoe-torch`` / ``groupmoe-triton`` (``save="h"``
+with ``backend="torch"`` / ``"triton"``: torch grouped_mm, or the fused Triton forward and
+backward kernels, against ``groupmoe``'s ``auto`` pick), peers (:mod:`groupmoe.bench.peers`:
+``liger``) and ``dense``: the same FLOPs as one
 dense GEMM chain ``act(x W1) W2`` over ``T*k`` rows, i.e. the GPU's speed at this work with
 routing free. Modes: ``train`` (expert weights get gradients, 3 GEMM passes) and ``frozen``
 (only dX, 2 passes).
@@ -24,7 +26,9 @@ from .peers import PEERS, liger_step, unavailable
 from .shapes import SHAPES, SMOKE_SHAPE, Shape
 from .timing import median_ms, peak_extra_bytes
 
-IMPLS = ("loop", "naive", "groupmoe", "groupmoe-recompute", *PEERS, "dense")
+IMPLS = ("loop", "naive", "groupmoe", "groupmoe-recompute", "dense", "groupmoe-torch",
+         "groupmoe-triton", *PEERS)
+IMPL_BACKENDS = {"groupmoe-torch": "torch", "groupmoe-triton": "triton"}  # else the default
 DEFAULT_IMPLS = ("loop", "naive", "groupmoe", "dense")
 MODES = ("train", "frozen")
 
@@ -103,7 +107,8 @@ class LayerProblem:
                     out = expert_mlp_naive(x, routing, gates, *weights)
                 else:
                     save = "none" if impl == "groupmoe-recompute" else "h"
-                    out = expert_mlp(x, routing, gates, *weights, save=save)
+                    out = expert_mlp(x, routing, gates, *weights, save=save,
+                                     backend=IMPL_BACKENDS.get(impl))
             out.backward(dout)
 
         return step
@@ -134,13 +139,13 @@ def bench_layer(shapes, tokens: int, modes=MODES, impls=DEFAULT_IMPLS, device=No
                     prob.clear_grads()  # measure from a state without last step's grads
                     peak = peak_extra_bytes(lambda s=step: s(0), device)
                 except torch.OutOfMemoryError:
-                    log(f"  {shape.name:14s} {mode:6s} {impl:9s} out of memory")
+                    log(f"  {shape.name:14s} {mode:6s} {impl:15s} out of memory")
                     torch.cuda.empty_cache()
                     continue
                 row = Row(shape.name, mode, impl, tokens, ms, prob.flops() / ms / 1e9,
                           None if peak is None else peak / 2 ** 20)
                 by_impl[impl] = row
-                log(f"  {shape.name:14s} {mode:6s} {impl:9s} {ms:9.2f} ms "
+                log(f"  {shape.name:14s} {mode:6s} {impl:15s} {ms:9.2f} ms "
                     f"{row.tflops:7.1f} TFLOP/s  peak extra "
                     f"{'-' if peak is None else f'{row.peak_extra_mib:.0f} MiB'}")
             for row in by_impl.values():

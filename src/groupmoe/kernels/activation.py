@@ -27,6 +27,25 @@ def _act(gate, up, KIND: tl.constexpr, alpha, limit):
 
 
 @triton.jit
+def act_backward(gate, up, da, KIND: tl.constexpr, alpha, limit):
+    """``(act(gate, up), dgate, dup)`` in fp32 from fp32 ``gate``, ``up`` and ``da``, the
+    gradient of the (unscaled) activation output. gpt-oss's clamps pass gradient only inside
+    their range (torch's convention)."""
+    if KIND == 0:
+        s = tl.sigmoid(gate)
+        silu = gate * s
+        return silu * up, da * up * s * (1.0 + gate * (1.0 - s)), da * silu
+    gc = tl.minimum(gate, limit)
+    uc = tl.minimum(tl.maximum(up, -limit), limit)
+    s = tl.sigmoid(alpha * gc)
+    glu = gc * s
+    dgate = da * (uc + 1.0) * (s + alpha * glu * (1.0 - s))
+    dgate = tl.where(gate <= limit, dgate, 0.0)
+    dup = tl.where((up >= -limit) & (up <= limit), da * glu, 0.0)
+    return (uc + 1.0) * glu, dgate, dup
+
+
+@triton.jit
 def _cols(offs_n, inter, KIND: tl.constexpr):
     if KIND == 0:
         return offs_n, offs_n + inter
@@ -66,22 +85,7 @@ def _bwd_kernel(h_ptr, g_ptr, da_ptr, dh_ptr, a_ptr, dg_ptr, M, inter, stride_h,
         up = tl.load(h_ptr + row * stride_h + cu[None, :], mask=mask, other=0.0).to(tl.float32)
         da_s = tl.load(da_ptr + row * stride_da + offs_n[None, :], mask=mask, other=0.0)
         da_s = da_s.to(tl.float32)
-        da = da_s * g[:, None]
-        if KIND == 0:
-            s = tl.sigmoid(gate)
-            silu = gate * s
-            a = silu * up
-            dgate = da * up * s * (1.0 + gate * (1.0 - s))
-            dup = da * silu
-        else:
-            gc = tl.minimum(gate, limit)
-            uc = tl.minimum(tl.maximum(up, -limit), limit)
-            s = tl.sigmoid(alpha * gc)
-            glu = gc * s
-            a = (uc + 1.0) * glu
-            dgate = da * (uc + 1.0) * (s + alpha * glu * (1.0 - s))
-            dgate = tl.where(gate <= limit, dgate, 0.0)
-            dup = tl.where((up >= -limit) & (up <= limit), da * glu, 0.0)
+        a, dgate, dup = act_backward(gate, up, da_s * g[:, None], KIND, alpha, limit)
         dg += tl.sum(da_s * a, axis=1)
         out_ty = dh_ptr.dtype.element_ty
         tl.store(dh_ptr + row * stride_dh + cg[None, :], dgate.to(out_ty), mask=mask)
@@ -92,7 +96,7 @@ def _bwd_kernel(h_ptr, g_ptr, da_ptr, dh_ptr, a_ptr, dg_ptr, M, inter, stride_h,
     tl.store(dg_ptr + offs_m, dg, mask=offs_m < M)
 
 
-def _kind(act) -> tuple[int, float, float]:
+def act_kind(act) -> tuple[int, float, float]:
     if act.name == "swiglu":
         return SWIGLU, 0.0, 0.0
     if act.name == "gptoss":
@@ -106,7 +110,7 @@ def _rowmajor(t: torch.Tensor) -> torch.Tensor:
 
 def act_scaled_forward(act, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``g[:, None] * act(h)`` in one pass; ``h [M, 2I]``, ``g [M]``."""
-    kind, alpha, limit = _kind(act)
+    kind, alpha, limit = act_kind(act)
     h = _rowmajor(h)
     m, i = h.shape[0], h.shape[1] // 2
     out = torch.empty(m, i, dtype=h.dtype, device=h.device)
@@ -121,7 +125,7 @@ def act_scaled_forward(act, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 def act_scaled_backward(act, h: torch.Tensor, g: torch.Tensor, da_scaled: torch.Tensor,
                         want_a: bool) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Returns ``(dh [M, 2I], g * act(h) [M, inter] or None, dg [M] fp32)``."""
-    kind, alpha, limit = _kind(act)
+    kind, alpha, limit = act_kind(act)
     h, da_scaled = _rowmajor(h), _rowmajor(da_scaled)
     m, i = h.shape[0], h.shape[1] // 2
     dh = torch.empty_like(h)

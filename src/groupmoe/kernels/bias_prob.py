@@ -15,8 +15,16 @@ from ..ops.checks import check, check_same_device
 
 
 @triton.jit
-def _dbias_kernel(dy_ptr, prob_ptr, offs_ptr, out_ptr, H, stride_dy,
-                  BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+def _src_rows(idx_ptr, rows, mask, HAS_INDEX: tl.constexpr):
+    """Row of ``dy`` that sorted row ``rows`` reads: ``idx[rows]`` or ``rows`` itself."""
+    if HAS_INDEX:
+        return tl.load(idx_ptr + rows, mask=mask, other=0).to(tl.int64)
+    return rows.to(tl.int64)
+
+
+@triton.jit
+def _dbias_kernel(dy_ptr, idx_ptr, prob_ptr, offs_ptr, out_ptr, H, stride_dy,
+                  HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     e = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
@@ -26,23 +34,25 @@ def _dbias_kernel(dy_ptr, prob_ptr, offs_ptr, out_ptr, H, stride_dy,
         rows = r0 + tl.arange(0, BLOCK_M)
         mrow = rows < end
         p = tl.load(prob_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_dy + cols[None, :],
+        src = _src_rows(idx_ptr, rows, mrow, HAS_INDEX)
+        dy = tl.load(dy_ptr + src[:, None] * stride_dy + cols[None, :],
                      mask=mrow[:, None] & (cols[None, :] < H), other=0.0).to(tl.float32)
         acc += tl.sum(dy * p[:, None], axis=0)
     tl.store(out_ptr + e * H + cols, acc, mask=cols < H)
 
 
 @triton.jit
-def _dprob_kernel(dy_ptr, bias_ptr, eidx_ptr, out_ptr, M, H, stride_dy, stride_b,
-                  BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+def _dprob_kernel(dy_ptr, idx_ptr, bias_ptr, eidx_ptr, out_ptr, M, H, stride_dy, stride_b,
+                  HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     mrow = rows < M
+    src = _src_rows(idx_ptr, rows, mrow, HAS_INDEX)
     e = tl.load(eidx_ptr + rows, mask=mrow, other=0).to(tl.int64)
     acc = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for c0 in range(0, H, BLOCK_H):
         cols = c0 + tl.arange(0, BLOCK_H)
         m = mrow[:, None] & (cols[None, :] < H)
-        dy = tl.load(dy_ptr + rows[:, None].to(tl.int64) * stride_dy + cols[None, :], mask=m,
+        dy = tl.load(dy_ptr + src[:, None] * stride_dy + cols[None, :], mask=m,
                      other=0.0).to(tl.float32)
         b = tl.load(bias_ptr + e[:, None] * stride_b + cols[None, :], mask=m,
                     other=0.0).to(tl.float32)
@@ -51,9 +61,12 @@ def _dprob_kernel(dy_ptr, bias_ptr, eidx_ptr, out_ptr, M, H, stride_dy, stride_b
 
 
 def bias_prob_grads(dy: torch.Tensor, prob: torch.Tensor, bias: torch.Tensor,
-                    offsets: torch.Tensor, expert_index: torch.Tensor
+                    offsets: torch.Tensor, expert_index: torch.Tensor,
+                    dy_index: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dbias [E, H] fp32, dprob [M] fp32)`` from expert-sorted ``dy [M, H]``.
+    """``(dbias [E, H] fp32, dprob [M] fp32)`` from expert-sorted ``dy [M, H]``, or from
+    ``dy [T, H]`` read through ``dy_index [M]`` (row ``i`` is ``dy[dy_index[i]]``, no gathered
+    copy).
 
     ``offsets [E]`` are the groups' cumulative row ends (int32 or int64) and
     ``expert_index [M]`` each row's expert; any strides, fresh fp32 outputs (nothing is
@@ -61,7 +74,11 @@ def bias_prob_grads(dy: torch.Tensor, prob: torch.Tensor, bias: torch.Tensor,
     """
     where = "bias_prob_grads"
     check(dy.dim() == 2, f"{where}: dy must be [rows, hidden], got {tuple(dy.shape)}")
-    m, h = dy.shape
+    h = dy.shape[1]
+    m = dy.shape[0] if dy_index is None else dy_index.numel()
+    if dy_index is not None:
+        check(dy_index.dim() == 1 and not dy_index.is_floating_point(),
+              f"{where}: dy_index must be a 1-D integer tensor")
     check(bias.dim() == 2 and bias.shape[1] == h,
           f"{where}: bias must be [experts, {h}], got {tuple(bias.shape)}")
     e = bias.shape[0]
@@ -75,7 +92,7 @@ def bias_prob_grads(dy: torch.Tensor, prob: torch.Tensor, bias: torch.Tensor,
     check(all(t.is_floating_point() for t in (dy, prob, bias)),
           f"{where}: dy, prob and bias must be floating point")
     check_same_device(where, dy=dy, prob=prob, bias=bias, offsets=offsets,
-                      expert_index=expert_index)
+                      expert_index=expert_index, dy_index=dy_index)
     # Row strides are kernel arguments; the other dims must be unit-stride.
     dy = dy if dy.stride(-1) == 1 else dy.contiguous()
     bias = bias if bias.stride(-1) == 1 else bias.contiguous()
@@ -85,11 +102,14 @@ def bias_prob_grads(dy: torch.Tensor, prob: torch.Tensor, bias: torch.Tensor,
     if h == 0:
         return dbias.zero_(), dprob.zero_()
     block_h = min(128, triton.next_power_of_2(h))
+    has_index = dy_index is not None
+    idx = dy_index.contiguous() if has_index else expert_index  # placeholder when absent
     if e:
-        _dbias_kernel[(e, triton.cdiv(h, block_h))](dy, prob, offsets, dbias, h, dy.stride(0),
+        _dbias_kernel[(e, triton.cdiv(h, block_h))](dy, idx, prob, offsets, dbias, h,
+                                                    dy.stride(0), HAS_INDEX=has_index,
                                                     BLOCK_M=32, BLOCK_H=block_h)
     if m:
-        _dprob_kernel[(triton.cdiv(m, 32),)](dy, bias, expert_index, dprob, m, h,
-                                             dy.stride(0), bias.stride(0), BLOCK_M=32,
-                                             BLOCK_H=block_h)
+        _dprob_kernel[(triton.cdiv(m, 32),)](dy, idx, bias, expert_index, dprob, m, h,
+                                             dy.stride(0), bias.stride(0), HAS_INDEX=has_index,
+                                             BLOCK_M=32, BLOCK_H=block_h)
     return dbias, dprob

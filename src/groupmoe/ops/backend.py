@@ -6,10 +6,12 @@
   than torch on an H100 (benchmarks/RESULTS.md): fused activation + router weight, gather-sum
   combine, bias/prob gradients always; the fused gather + grouped GEMM forward
   (:mod:`groupmoe.kernels.grouped`) for experts with a down bias (gpt-oss: 1.38x forward,
-  1.10x forward+backward), where its epilogue absorbs the bias and activation passes. torch
-  grouped_mm for the rest (on par or faster there). torch everywhere else.
+  1.10x forward+backward), where its epilogue absorbs the bias and activation passes, with the
+  torch backward. torch grouped_mm for the rest (on par or faster there). torch everywhere
+  else.
 * ``torch``: torch only (grouped_mm and elementwise ops): the reference.
-* ``triton``: every Triton kernel, the fused-GEMM forward included; and, under
+* ``triton``: every Triton kernel, the fused-GEMM forward and backward
+  (:mod:`groupmoe.kernels.grouped_bwd`) included; and, under
   ``TRITON_INTERPRET=1``, the kernels on CPU tensors (how the CPU tests check them).
 
 fp64 always runs torch (the kernels accumulate in fp32).
@@ -68,10 +70,12 @@ def _gemm_unsupported(x: torch.Tensor, act) -> str | None:
 
 
 def resolve_backend(backend: str | None, x: torch.Tensor, act, down_bias: bool = False) -> str:
-    """``"triton"`` when the fused-GEMM forward runs this call, else ``"torch"``.
+    """What runs the expert MLP of this call: ``"triton"`` (fused-GEMM forward and backward),
+    ``"triton-forward"`` (fused-GEMM forward, torch backward) or ``"torch"``.
 
     ``backend`` (per call) overrides the process default. ``"triton"`` raises when the kernels
-    cannot run these inputs; ``"auto"`` takes them for bf16/fp16 CUDA experts with a down bias.
+    cannot run these inputs; ``"auto"`` takes the forward for bf16/fp16 CUDA experts with a
+    down bias.
     """
     backend = _backend if backend is None else backend
     check(backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -82,4 +86,4 @@ def resolve_backend(backend: str | None, x: torch.Tensor, act, down_bias: bool =
         check(why is None, f"expert_mlp: backend='triton' cannot run: {why}")
         return "triton"
     fits = why is None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-    return "triton" if fits and down_bias else "torch"
+    return "triton-forward" if fits and down_bias else "torch"

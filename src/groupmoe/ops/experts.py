@@ -107,27 +107,31 @@ def gather_sum(rows: torch.Tensor, routing: Routing, dtype: torch.dtype) -> torc
 
 
 def bias_prob_grads(
-    dy: torch.Tensor, prob: torch.Tensor, bias: torch.Tensor, routing: Routing
+    dy: torch.Tensor, prob: torch.Tensor, bias: torch.Tensor, routing: Routing,
+    dy_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``prob[i] * bias[expert(i)]`` (seed 002), ``dbias [E, H]`` and ``dprob [N]``
     in fp32 (fp64 for fp64 inputs).
 
     ``dbias_e = sum_{i in e} prob_i dy_i`` and ``dprob_i = <dy_i, bias_e>``; a fused Triton
-    kernel on CUDA, this torch formula elsewhere.
+    kernel on CUDA, this torch formula elsewhere. ``dy`` is expert-sorted, or with
+    ``dy_index`` row ``i`` is ``dy[dy_index[i]]`` (the kernel reads it in place).
     """
-    return bias_prob_grads_rows(dy, prob, bias, routing.offsets, routing.expert_index)
+    return bias_prob_grads_rows(dy, prob, bias, routing.offsets, routing.expert_index, dy_index)
 
 
 def bias_prob_grads_rows(
     dy: torch.Tensor, prob: torch.Tensor, bias: torch.Tensor, offsets: torch.Tensor,
-    expert_index: torch.Tensor,
+    expert_index: torch.Tensor, dy_index: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`bias_prob_grads` of expert-sorted rows given their group ends ``offsets [E]``
     and experts ``expert_index`` (``bias [E, H]``), e.g. a contiguous range of experts."""
     if use_triton(dy):
         from ..kernels.bias_prob import bias_prob_grads as kernel
 
-        return kernel(dy, prob, bias, offsets, expert_index)
+        return kernel(dy, prob, bias, offsets, expert_index, dy_index)
+    if dy_index is not None:
+        dy = dy.index_select(0, dy_index)
     dyf = to_accum(dy)
     dbias = segment_sum(dyf * prob.to(dyf.dtype).unsqueeze(1), expert_index, bias.shape[0])
     dprob = (dyf * bias.to(dyf.dtype).index_select(0, expert_index)).sum(1)
@@ -148,6 +152,9 @@ class ExpertMLPFunction(torch.autograd.Function):
     router weights and, with ``save="h"``, the gate_up output ``h``; with ``save="none"``
     backward recomputes ``h``. The down output is never saved. ``deferred`` (one entry per
     weight, see :mod:`groupmoe.ops.wgrad`) sends dW of a detached weight to a store.
+    ``backend`` (from :func:`~groupmoe.ops.backend.resolve_backend`): ``"triton"`` runs forward
+    and backward on the fused kernels (:mod:`groupmoe.kernels.experts`), ``"triton-forward"``
+    the forward only, ``"torch"`` neither.
     """
 
     @staticmethod
@@ -155,7 +162,7 @@ class ExpertMLPFunction(torch.autograd.Function):
                 save: SaveMode, input_grad: bool, weight_grad: bool, backend: str,
                 deferred: tuple[DeferredWeight | None, DeferredWeight | None]):
         g = gate_weights.reshape(-1).index_select(0, routing.order)
-        if backend == "triton":  # fused gather + grouped GEMM forward kernels
+        if backend in ("triton", "triton-forward"):  # fused gather + grouped GEMM kernels
             from ..kernels.experts import expert_forward
 
             h, out = expert_forward(x, g, w1, w2, b1, b2, routing, act, store_h=save == "h")
@@ -168,7 +175,7 @@ class ExpertMLPFunction(torch.autograd.Function):
             if b2 is not None:
                 y += g.to(y.dtype).unsqueeze(1) * b2.index_select(0, routing.expert_index)
             out = gather_sum(y, routing, x.dtype)
-        ctx.routing, ctx.act = routing, act
+        ctx.routing, ctx.act, ctx.backend = routing, act, backend
         ctx.input_grad, ctx.weight_grad, ctx.deferred = input_grad, weight_grad, deferred
         ctx.gate_dtype = gate_weights.dtype
         ctx.save_for_backward(x, g, w1, w2, b1, b2)
@@ -187,30 +194,47 @@ class ExpertMLPFunction(torch.autograd.Function):
         need_w1, need_w2, need_b1, need_b2 = (
             n and ctx.weight_grad for n in (need_w1, need_w2, need_b1, need_b2))
         offs = routing.offsets
-        dy = dout.contiguous().index_select(0, routing.token_index)
-        if h is None:  # save="none": rebuild h; the permuted x is gathered again for dW1
-            h = _gate_up(x.index_select(0, routing.token_index), w1, b1, routing)
-        da_scaled = grouped_mm(dy, w2.transpose(-1, -2), offs)
-        dh, a_scaled, dg = scaled_backward(act, h, g, da_scaled, need_w2, need_g)
-        del da_scaled, h
+        dout = dout.contiguous()
+        fused = ctx.backend == "triton"
+        if fused:  # the kernels read dout and x rows through token_index: no permuted copies
+            from ..kernels import experts as kx
+
+            wgrad = kx.grouped_wgrad
+            if h is None:  # save="none": rebuild h
+                h = kx.gate_up(x, w1, b1, routing)
+            dy, dy_rows = dout, routing.token_index
+            dh, a_scaled, dg = kx.down_backward(dout, h, g, w2, routing, act, need_w2, need_g)
+        else:
+            wgrad = _wgrad
+            if h is None:
+                h = _gate_up(x.index_select(0, routing.token_index), w1, b1, routing)
+            dy, dy_rows = dout.index_select(0, routing.token_index), None
+            da_scaled = grouped_mm(dy, w2.transpose(-1, -2), offs)
+            dh, a_scaled, dg = scaled_backward(act, h, g, da_scaled, need_w2, need_g)
+            del da_scaled
+        del h
         defer_w1, defer_w2 = ctx.deferred
-        dw2 = weight_grad(defer_w2, need_w2, _wgrad, w2, a_scaled, dy, offs)
+        dw2 = weight_grad(defer_w2, need_w2, wgrad, w2, a_scaled, None, dy, dy_rows, offs)
         del a_scaled
         db2 = None
         if b2 is not None and (need_g or need_b2):
-            db2_acc, dprob = bias_prob_grads(dy, g, b2, routing)
+            db2_acc, dprob = bias_prob_grads(dy, g, b2, routing, dy_rows)
             db2 = db2_acc.to(b2.dtype) if need_b2 else None
             dg = dg + dprob if dg is not None else None
         del dy
-        dw1 = weight_grad(defer_w1, need_w1, _wgrad, w1, x.index_select(0, routing.token_index),
-                          dh, offs) if need_w1 else None
+        dw1 = weight_grad(defer_w1, need_w1, wgrad, w1, x, routing.token_index, dh, None, offs)
         db1 = segment_sum(dh, routing.expert_index, routing.num_experts).to(b1.dtype) \
             if need_b1 else None
         dx = None
         if need_x:
-            dxs = grouped_mm(dh, w1.transpose(-1, -2), offs)
-            del dh
-            dx = gather_sum(dxs, routing, x.dtype)
+            if fused:  # rows stored at their (token, slot) position, summed in registers
+                dxs = kx.input_grad_rows(dh, w1, routing)
+                del dh
+                dx = kx.sum_slots(dxs, routing, x.dtype)
+            else:
+                dxs = grouped_mm(dh, w1.transpose(-1, -2), offs)
+                del dh
+                dx = gather_sum(dxs, routing, x.dtype)
         dgate = None
         if need_g:
             dgate = torch.empty_like(dg).index_copy_(0, routing.order, dg)
@@ -218,9 +242,13 @@ class ExpertMLPFunction(torch.autograd.Function):
         return dx, dgate, dw1, dw2, db1, db2, None, None, None, None, None, None, None
 
 
-def _wgrad(w: torch.Tensor, a: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor
-           ) -> torch.Tensor:
-    """``dW[e] = a_e^T dy_e`` in ``w``'s own layout (transposed parameter views included)."""
+def _wgrad(w: torch.Tensor, a: torch.Tensor, a_rows: torch.Tensor | None, dy: torch.Tensor,
+           dy_rows: torch.Tensor | None, offs: torch.Tensor) -> torch.Tensor:
+    """``dW[e] = a_e^T dy_e`` in ``w``'s own layout (transposed parameter views included), the
+    rows of ``a``/``dy`` taken through ``a_rows``/``dy_rows`` where given (the signature of
+    :func:`groupmoe.kernels.grouped_bwd.grouped_wgrad`)."""
+    a = a if a_rows is None else a.index_select(0, a_rows)
+    dy = dy if dy_rows is None else dy.index_select(0, dy_rows)
     return grouped_wgrad_like(w, a, dy, offs).to(w.dtype)
 
 
@@ -257,8 +285,8 @@ def expert_mlp(
             stays ``None``); ``None`` or ``True``: follow ``requires_grad``.
         Tensors that do not require grad never get one, whatever these say; the router
         weights' gradient follows their ``requires_grad`` only.
-        backend: ``"triton"`` runs the forward on the fused gather + grouped GEMM kernels,
-            ``"torch"`` on torch's grouped_mm, ``"auto"`` picks per call (see
+        backend: ``"triton"`` runs forward and backward on the fused gather + grouped GEMM
+            kernels, ``"torch"`` on torch's grouped_mm, ``"auto"`` picks per call (see
             :mod:`groupmoe.ops.backend`); ``None`` takes the process default
             (:func:`~groupmoe.ops.backend.set_backend`, ``GROUPMOE_BACKEND``).
     Returns:
