@@ -64,6 +64,7 @@ class LayerProblem:
         self.b2 = param(e, h, std=0.02) if shape.bias else None
         self.dw1, self.dw2 = param(h, 2 * i, std=h ** -0.5), param(i, h, std=i ** -0.5)
         self.act = get_activation(shape.activation)
+        self.peer_weights: list[torch.Tensor] = []  # peers' copies in their own layouts
         self.inputs = []
         for _ in range(sets):
             x = torch.randn(tokens, h, **f).requires_grad_(True)
@@ -75,8 +76,8 @@ class LayerProblem:
             self.inputs.append((x, ids, gates, dout, xd))
 
     def params(self):
-        return [p for p in (self.w1, self.w2, self.b1, self.b2, self.dw1, self.dw2)
-                if p is not None]
+        return [p for p in (self.w1, self.w2, self.b1, self.b2, self.dw1, self.dw2,
+                            *self.peer_weights) if p is not None]
 
     def clear_grads(self) -> None:
         for x, _, gates, _, xd in self.inputs:

@@ -33,6 +33,7 @@ def liger_step(prob):
     train = prob.mode == "train"
     w1 = prob.w1.detach().transpose(1, 2).contiguous().requires_grad_(train)
     w2 = prob.w2.detach().transpose(1, 2).contiguous().requires_grad_(train)
+    prob.peer_weights += [w1, w2]  # so clear_grads() frees their grads before a peak reading
     ids32 = [ids.to(torch.int32) for _, ids, _, _, _ in prob.inputs]
 
     def step(it: int) -> None:
