@@ -64,6 +64,20 @@ def _tile_of(pid_m, offs_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
 
 
 @triton.jit
+def _swizzled_tile(pid, M_ROWS, num_pid_n, offs_ptr, E, BLOCK_M: tl.constexpr,
+                   BLOCK_E: tl.constexpr, GROUP_M: tl.constexpr):
+    """``(expert, first row, group end, column tile)`` of program ``pid``: GROUP_M row tiles
+    sweep the column tiles together (L2 reuse of the expert's weight tile)."""
+    num_pid_m = tl.cdiv(M_ROWS, BLOCK_M) + E
+    in_group = GROUP_M * num_pid_n
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    expert, row0, row_end = _tile_of(pid_m, offs_ptr, E, BLOCK_M, BLOCK_E)
+    return expert, row0, row_end, (pid % in_group) // size_m
+
+
+@triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     if UPCAST:  # the CPU interpreter (triton 3.9) multiplies bf16 operands wrongly
         a = a.to(tl.float32)
@@ -93,17 +107,8 @@ def _grouped_mm_kernel(
     """ACT 0: ``out[r] = A[r] W[e] (+ bias[e] * scale[r])``, stored at row ``out_idx[r]``.
     ACT 1/2: ``h = A[r] W[e] + bias[e]`` (stored when STORE_H), ``out = act(h) * scale[r]``;
     swiglu's gate/up are the two column halves, gpt-oss's are interleaved."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M_ROWS, BLOCK_M) + E
-    num_pid_n = tl.cdiv(N_COLS, TILE_N)
-    # grouped ordering: GROUP_M row tiles sweep the column tiles together (L2 reuse of W)
-    in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-
-    expert, row0, row_end = _tile_of(pid_m, offs_ptr, E, BLOCK_M, BLOCK_E)
+    expert, row0, row_end, pid_n = _swizzled_tile(
+        tl.program_id(0), M_ROWS, tl.cdiv(N_COLS, TILE_N), offs_ptr, E, BLOCK_M, BLOCK_E, GROUP_M)
     if expert >= E:
         return
     rows = row0 + tl.arange(0, BLOCK_M)

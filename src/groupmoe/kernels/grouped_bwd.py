@@ -23,7 +23,7 @@ import triton.language as tl
 from ..ops.checks import check
 from . import interpreting
 from .activation import act_backward, act_kind
-from .grouped import _autotune_enabled, _dot, _tile_of
+from .grouped import _autotune_enabled, _dot, _swizzled_tile
 
 # the fixed configs (interpreter, GROUPMOE_TRITON_AUTOTUNE=0)
 DX_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
@@ -68,16 +68,8 @@ def _down_dx_act_kernel(
     GROUP_M: tl.constexpr = 8,
 ):
     """Row tile x activation-column tile: ``da' = dy[idx[r]] Wt[e]``, then the act backward."""
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M_ROWS, BLOCK_M) + E
-    num_pid_n = tl.cdiv(INTER, BLOCK_N)
-    in_group = GROUP_M * num_pid_n
-    first_m = (pid // in_group) * GROUP_M
-    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % size_m
-    pid_n = (pid % in_group) // size_m
-
-    expert, row0, row_end = _tile_of(pid_m, offs_ptr, E, BLOCK_M, BLOCK_E)
+    expert, row0, row_end, pid_n = _swizzled_tile(
+        tl.program_id(0), M_ROWS, tl.cdiv(INTER, BLOCK_N), offs_ptr, E, BLOCK_M, BLOCK_E, GROUP_M)
     if expert >= E:
         return
     rows = row0 + tl.arange(0, BLOCK_M)
