@@ -2,41 +2,24 @@
 interpreter (one subprocess, as in ``test_kernels_gemm.py``), on a GPU natively (bf16, real
 shapes)."""
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-import groupmoe
 from groupmoe.kernels import triton_available
+from interp_runner import assert_case, run_interpreted
 from kernel_bwd_cases import CASES, case_down_dx_act, case_expert_bwd, case_wgrad
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
-TESTS_DIR = Path(__file__).parent
-
 
 @pytest.fixture(scope="module")
 def interpreted():
-    src = Path(groupmoe.__file__).parent.parent  # test the package this process imports
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="",
-               PYTHONPATH=os.pathsep.join([str(src), str(TESTS_DIR),
-                                           os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, str(TESTS_DIR / "kernel_bwd_cases.py")], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_interpreted("kernel_bwd_cases.py")
 
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_interpreter(interpreted, name):
-    err = interpreted[name]
-    assert not isinstance(err, str), err
-    assert err <= CASES[name][2], err
+    assert_case(interpreted, CASES, name)
 
 
 BF16 = torch.bfloat16
