@@ -9,7 +9,10 @@ import json
 import os
 import subprocess
 import sys
+import traceback
 from pathlib import Path
+
+import torch
 
 import groupmoe
 
@@ -32,3 +35,16 @@ def assert_case(results: dict, cases: dict, name: str) -> None:
     err = results[name]
     assert not isinstance(err, str), err
     assert err <= cases[name][2], err
+
+
+def print_case_results(cases: dict, names=None) -> None:
+    """The subprocess side: run ``cases`` (``name: (fn, kwargs, tol)``), print one JSON line."""
+    results = {}
+    for name in names or cases:
+        fn, kwargs, _ = cases[name]
+        torch.manual_seed(0)
+        try:
+            results[name] = fn(**kwargs)
+        except Exception:  # reported per case by the parent test
+            results[name] = "error: " + traceback.format_exc()
+    print(json.dumps(results))

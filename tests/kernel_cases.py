@@ -7,13 +7,12 @@ as JSON. Nothing here imports Triton at module import.
 
 from __future__ import annotations
 
-import json
 import sys
-import traceback
 
 import torch
 
 from groupmoe.ops import build_routing, expert_mlp, get_activation, grouped_mm
+from interp_runner import print_case_results
 from moe_cases import make_case, make_ids, rel_err
 
 SMALL = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
@@ -162,17 +161,5 @@ CASES = {
 }
 
 
-def run_all(names=None) -> dict:
-    results = {}
-    for name in names or CASES:
-        fn, kwargs, _ = CASES[name]
-        torch.manual_seed(0)
-        try:
-            results[name] = fn(**kwargs)
-        except Exception:  # reported per case by the parent test
-            results[name] = "error: " + traceback.format_exc()
-    return results
-
-
 if __name__ == "__main__":
-    print(json.dumps(run_all(sys.argv[1:] or None)))
+    print_case_results(CASES, sys.argv[1:] or None)
