@@ -88,16 +88,23 @@ def runtime_reason_4bit(lins: list[list[nn.Module]], x: torch.Tensor) -> str | N
         return why
     lin = lins[0][0]
     state = lin.weight.quant_state
-    # bitsandbytes switches an unset compute dtype to fp32/bf16 inputs' dtype on first call
-    compute = x.dtype if not lin.compute_type_is_set and x.dtype in (
-        torch.float32, torch.bfloat16) else (lin.compute_dtype or x.dtype)
-    if any(p.compute_dtype != lin.compute_dtype for proj in lins for p in proj):
-        return "4-bit experts differ in compute dtype"
-    if state.dtype != x.dtype or compute != x.dtype:
-        return f"4-bit weights of dtype {state.dtype} computed in {compute}, input {x.dtype}"
+    for proj in lins:
+        for p in proj:
+            compute = _compute_dtype(p, x.dtype)
+            if state.dtype != x.dtype or compute != x.dtype:
+                return f"4-bit weights of dtype {state.dtype} computed in {compute}, " \
+                       f"input {x.dtype}"
     if lin.weight.device != x.device:
         return f"4-bit weights on {lin.weight.device}, input on {x.device}"
     return None
+
+
+def _compute_dtype(lin: nn.Module, dtype: torch.dtype) -> torch.dtype:
+    """The dtype bitsandbytes multiplies in for an input of ``dtype``: it switches an unset
+    compute dtype to fp32/bf16 inputs' dtype on the first call."""
+    if not lin.compute_type_is_set and dtype in (torch.float32, torch.bfloat16):
+        return dtype
+    return lin.compute_dtype or dtype
 
 
 def _key(flat: list[nn.Module]) -> tuple:
