@@ -186,3 +186,33 @@ def test_4bit_runtime_dtype_mismatch_falls_back(caplog, monkeypatch):
         got = _run(model, x)
     assert "computed in torch.float32" in caplog.text
     assert torch.equal(got[0][0], ref[0][0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lora", [False, True])
+@pytest.mark.parametrize("name", ["qwen3", "mixtral-jitter"])
+def test_4bit_experts_bf16_cuda(name, lora, monkeypatch):
+    """On CUDA: Triton dequantize and grouped GEMMs against bitsandbytes' CUDA Linear4bit loop
+    (and peft's lora.Linear4bit)."""
+    model = _model(name, torch.bfloat16, nested=True, e=16)
+    model = model.cuda()
+    if lora:
+        peft = pytest.importorskip("peft")
+        cfg = peft.LoraConfig(r=8, lora_alpha=16, target_modules=list(_names(name)),
+                              init_lora_weights=False)
+        model = peft.get_peft_model(model, cfg)
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.to(torch.bfloat16)
+    x = torch.randn(4, 64, 64, dtype=torch.bfloat16, device="cuda")
+    ref = _run(model, x)
+    calls = _spy(monkeypatch)
+    report = groupmoe.patch(model)
+    assert len(report.quantized) == 1 and not report.skipped, str(report)
+    got = _run(model, x)
+    assert len(calls) == 1
+    out, dx, grads = got
+    assert rel_err(out[0], ref[0][0]) < 1e-2 and rel_err(dx, ref[1]) < 1e-2
+    assert grads.keys() == ref[2].keys()
+    g, r = (torch.cat([d[n].float().flatten() for n in sorted(ref[2])]) for d in (grads, ref[2]))
+    assert rel_err(g, r) < 2e-2
