@@ -91,15 +91,16 @@ def _static_reason(block: nn.Module) -> str | None:
         for lin in map(_base, projs):
             if lin is None or not isinstance(getattr(lin, "weight", None), torch.Tensor):
                 return f"expert {idx} lacks a projection"
-    if _is_4bit(block):
-        why = q4.reason_4bit(_base_lins(block))
+    lins = _base_lins(block)
+    if any(q4.is_4bit(lin) for proj in lins for lin in proj):
+        why = q4.reason_4bit(lins)
         if why is not None:
             return why
-    for idx, projs in enumerate(_projections(block)):
-        for lin in map(_base, projs):
-            if not q4.is_4bit(lin) and (not lin.weight.is_floating_point()
-                                        or getattr(lin, "bias", None) is not None):
-                return f"expert {idx} has quantized or biased weights"
+    else:
+        for idx, projs in enumerate(_projections(block)):
+            for lin in map(_base, projs):
+                if not lin.weight.is_floating_point() or getattr(lin, "bias", None) is not None:
+                    return f"expert {idx} has quantized or biased weights"
         act = getattr(block.experts[idx], "act_fn", None)
         probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
         if act is None or not torch.allclose(act(probe), F.silu(probe)):
