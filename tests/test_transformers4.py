@@ -269,3 +269,29 @@ def test_bitsandbytes_config_4bit_experts_with_lora(name, tmp_path, monkeypatch)
     assert rel_err(got[0], ref[0]) < 1e-2 and abs(float(got[1] - ref[1])) < 1e-2
     g, r = (torch.cat([d[n].float().flatten() for n in sorted(ref[2])]) for d in (got[2], ref[2]))
     assert rel_err(g, r) < 2e-2
+
+
+def test_bitsandbytes_config_4bit_save_load_after_grouped_run(tmp_path):
+    """After a grouped run the experts' Params4bit view slices of the shared stacks; the model
+    still saves (disjoint views) and reloads to the same weights and the same patched step."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")
+    import transformers
+
+    build("qwen3_moe", hidden_size=64, moe_intermediate_size=64,
+          num_hidden_layers=1).save_pretrained(tmp_path / "dense")
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+    cls = transformers.Qwen3MoeForCausalLM
+    model = cls.from_pretrained(tmp_path / "dense", quantization_config=cfg,
+                                dtype=torch.bfloat16, device_map="cpu").train()
+    assert len(groupmoe.patch(model).quantized) == 1
+    ids = tokens()
+    want = step(model, ids)
+    model.save_pretrained(tmp_path / "q")
+    loaded = cls.from_pretrained(tmp_path / "q", dtype=torch.bfloat16, device_map="cpu").train()
+    sd, lsd = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == lsd.keys() and all(torch.equal(sd[k], lsd[k]) for k in sd)
+    assert len(groupmoe.patch(loaded).quantized) == 1
+    got = step(loaded, ids)
+    assert torch.equal(got[0], want[0])
