@@ -85,6 +85,17 @@ def test_4bit_experts_match_loop(name, nested, dtype, monkeypatch):
     assert torch.equal(again[0][0], ref[0][0]) and torch.equal(again[1], ref[1])
 
 
+@pytest.mark.parametrize("e,k,tokens", [(1, 1, 5), (16, 2, 3)])
+def test_4bit_one_expert_and_empty_experts(e, k, tokens, monkeypatch):
+    model = _model("qwen3", torch.float32, nested=True, e=e, k=k)
+    x = torch.randn(1, tokens, 64)
+    ref = _run(model, x)
+    calls = _spy(monkeypatch)
+    assert groupmoe.patch(model).quantized
+    _compare(_run(model, x), ref, 1e-5)
+    assert calls == [None]
+
+
 def test_stacks_are_cached_and_share_the_experts_bytes():
     model = _model("qwen3", torch.float32)
     block = model.block
