@@ -174,3 +174,124 @@ def test_peft_lora_on_expert_linears_runs_grouped(name, monkeypatch):
     assert len(report.patched) == 2 and not report.skipped, str(report)
     _assert_close(step(model, ids), ref)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lora_on", ["experts", "attention"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_4bit_expert_linears_run_grouped(name, lora_on, dtype, monkeypatch):
+    """QLoRA on a 4.x model: every expert Linear is a bitsandbytes Linear4bit (NF4, nested
+    absmax; swapped in on CPU as BitsAndBytesConfig(load_in_4bit=True) does on a GPU), peft
+    LoRA on the experts (or on attention only, frozen experts): the grouped NF4 path gives the
+    loop's logits, loss and LoRA gradients."""
+    peft = pytest.importorskip("peft")
+    from bnb4 import quantize_expert_linears
+    from groupmoe.quant import experts as qexperts
+
+    # sizes multiple of 64: bitsandbytes' CPU dequantize needs whole-block rows. bf16: one
+    # layer, so no second router sees bf16-rounded differences (a near-tie top-k flip)
+    layers = 2 if dtype == torch.float32 else 1
+    model = build(name, hidden_size=64, num_hidden_layers=layers,
+                  **{"intermediate_size" if name == "mixtral" else "moe_intermediate_size": 64})
+    model = model.to(dtype)
+    names = ["w1", "w3", "w2"] if name == "mixtral" else ["gate_proj", "up_proj", "down_proj"]
+    assert quantize_expert_linears(model, names, nested=True) == layers * 8 * 3
+    targets = ["q_proj", "v_proj"] + (names if lora_on == "experts" else [])
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                      init_lora_weights=False)).train()
+    for n, p in model.named_parameters():  # peft keeps adapters fp32; run both paths in dtype
+        if "lora_" in n:
+            p.data = p.data.to(dtype)
+    ids = tokens()
+    ref = step(model, ids)
+    assert any(".experts." in n for n in ref[2]) == (lora_on == "experts")
+    calls = []
+    real = qexperts.chunked_expert_mlp
+    monkeypatch.setattr(qexperts, "chunked_expert_mlp", lambda *a, **k: calls.append(1) or
+                        real(*a, **k))
+    report = groupmoe.patch(model)
+    assert len(report.patched) == layers and len(report.quantized) == layers, str(report)
+    assert not report.skipped, str(report)
+    got = step(model, ids)
+    assert len(calls) == layers
+    # the loop leaves an expert without tokens gradient-less; the grouped path gives zeros
+    extra = got[2].keys() - ref[2].keys()
+    assert ref[2].keys() <= got[2].keys() and all(not got[2][n].any() for n in extra)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert rel_err(got[0], ref[0]) < tol and abs(float(got[1] - ref[1])) < tol
+    for n in ref[2]:
+        if dtype == torch.float32:
+            assert rel_err(got[2][n], ref[2][n]) < 1e-5, n
+    g, r = (torch.cat([d[n].float().flatten() for n in sorted(ref[2])]) for d in (got[2], ref[2]))
+    assert rel_err(g, r) < 2 * tol  # bf16: GEMM sums in another order, through a backward
+
+
+@pytest.mark.parametrize("name", ["qwen3_moe", "mixtral"])
+def test_bitsandbytes_config_4bit_experts_with_lora(name, tmp_path, monkeypatch):
+    """A real ``BitsAndBytesConfig(load_in_4bit=True)`` load (bitsandbytes 0.50 quantizes on
+    CPU too): every expert Linear and the router are Linear4bit; peft LoRA on experts and
+    attention runs grouped, against the model's own loop (bf16)."""
+    peft = pytest.importorskip("peft")
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")
+    import transformers
+
+    from groupmoe.quant import experts as qexperts
+
+    inter = "intermediate_size" if name == "mixtral" else "moe_intermediate_size"
+    build(name, hidden_size=64, num_hidden_layers=1, **{inter: 64}).save_pretrained(tmp_path)
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_use_double_quant=True,
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+    model = getattr(transformers, _configs()[name][1].__name__).from_pretrained(
+        tmp_path, quantization_config=cfg, dtype=torch.bfloat16, device_map="cpu",
+        attn_implementation="eager")
+    names = ["w1", "w3", "w2"] if name == "mixtral" else ["gate_proj", "up_proj", "down_proj"]
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", *names], init_lora_weights=False)).train()
+    for n, p in model.named_parameters():
+        if "lora_" in n:
+            p.data = p.data.to(torch.bfloat16)
+    assert sum(type(p).__name__ == "Params4bit" and ".experts." in n
+               for n, p in model.named_parameters()) == 8 * 3
+    ids = tokens()
+    ref = step(model, ids)
+    calls = []
+    real = qexperts.chunked_expert_mlp
+    monkeypatch.setattr(qexperts, "chunked_expert_mlp", lambda *a, **k: calls.append(1) or
+                        real(*a, **k))
+    report = groupmoe.patch(model)
+    assert len(report.quantized) == 1 and not report.skipped, str(report)
+    got = step(model, ids)
+    assert calls == [1]
+    extra = got[2].keys() - ref[2].keys()  # experts without tokens: zeros here, None in the loop
+    assert ref[2].keys() <= got[2].keys() and all(not got[2][n].any() for n in extra)
+    assert rel_err(got[0], ref[0]) < 1e-2 and abs(float(got[1] - ref[1])) < 1e-2
+    g, r = (torch.cat([d[n].float().flatten() for n in sorted(ref[2])]) for d in (got[2], ref[2]))
+    assert rel_err(g, r) < 2e-2
+
+
+def test_bitsandbytes_config_4bit_save_load_after_grouped_run(tmp_path):
+    """After a grouped run the experts' Params4bit view slices of the shared stacks; the model
+    still saves (disjoint views) and reloads to the same weights and the same patched step."""
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")
+    import transformers
+
+    build("qwen3_moe", hidden_size=64, moe_intermediate_size=64,
+          num_hidden_layers=1).save_pretrained(tmp_path / "dense")
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=torch.bfloat16)
+    cls = transformers.Qwen3MoeForCausalLM
+    model = cls.from_pretrained(tmp_path / "dense", quantization_config=cfg,
+                                dtype=torch.bfloat16, device_map="cpu").train()
+    assert len(groupmoe.patch(model).quantized) == 1
+    ids = tokens()
+    want = step(model, ids)
+    model.save_pretrained(tmp_path / "q")
+    loaded = cls.from_pretrained(tmp_path / "q", dtype=torch.bfloat16, device_map="cpu").train()
+    sd, lsd = model.state_dict(), loaded.state_dict()
+    assert sd.keys() == lsd.keys() and all(torch.equal(sd[k], lsd[k]) for k in sd)
+    assert len(groupmoe.patch(loaded).quantized) == 1
+    got = step(loaded, ids)
+    assert torch.equal(got[0], want[0])

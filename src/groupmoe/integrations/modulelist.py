@@ -10,6 +10,8 @@ applied by :func:`groupmoe.lora.expert_mlp_lora`, gate and up side by side.
 
 The stacks are built from the per-expert ``nn.Linear`` weights on every call (``torch.stack``,
 so gradients reach each expert) and are not kept for backward: they are rebuilt there.
+Experts that are bitsandbytes ``Linear4bit`` (QLoRA) run as cached NF4 stacks on the chunked
+dequantize path instead (:mod:`groupmoe.integrations.modulelist_4bit`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from ..ops.activations import SwiGLU
 from ..ops.experts import expert_mlp
 from ..ops.recompute import recompute_saved
 from ..ops.routing import build_routing
+from ..quant.experts import QuantizedGroupedExperts
+from . import modulelist_4bit as q4
 
 log = logging.getLogger("groupmoe")
 
@@ -67,8 +71,17 @@ def _lora(block: nn.Module, runtime: bool) -> ExpertLoRA | str | None:
     gate, up, down = factors
     if gate is None and up is None and down is None:
         return None
-    inter = _base(projs[0][0]).weight.shape[0]
+    inter = _base(projs[0][0]).out_features
     return ExpertLoRA(gate_up=concat_outputs([(gate, inter), (up, inter)]), down=down)
+
+
+def _base_lins(block: nn.Module) -> list[list[nn.Module]]:
+    """The experts' base Linears per projection: ``[gates, ups, downs]``."""
+    return [list(map(_base, proj)) for proj in zip(*_projections(block))]
+
+
+def _is_4bit(block: nn.Module) -> bool:
+    return q4.is_4bit(_base(_projections(block)[0][0]))
 
 
 def _static_reason(block: nn.Module) -> str | None:
@@ -78,8 +91,16 @@ def _static_reason(block: nn.Module) -> str | None:
         for lin in map(_base, projs):
             if lin is None or not isinstance(getattr(lin, "weight", None), torch.Tensor):
                 return f"expert {idx} lacks a projection"
-            if not lin.weight.is_floating_point() or getattr(lin, "bias", None) is not None:
-                return f"expert {idx} has quantized or biased weights"
+    lins = _base_lins(block)
+    if any(q4.is_4bit(lin) for proj in lins for lin in proj):
+        why = q4.reason_4bit(lins)
+        if why is not None:
+            return why
+    else:
+        for idx, projs in enumerate(_projections(block)):
+            for lin in map(_base, projs):
+                if not lin.weight.is_floating_point() or getattr(lin, "bias", None) is not None:
+                    return f"expert {idx} has quantized or biased weights"
         act = getattr(block.experts[idx], "act_fn", None)
         probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
         if act is None or not torch.allclose(act(probe), F.silu(probe)):
@@ -89,6 +110,8 @@ def _static_reason(block: nn.Module) -> str | None:
 
 
 def _runtime_reason(block: nn.Module, x: torch.Tensor) -> str | None:
+    if _is_4bit(block):
+        return q4.runtime_reason_4bit(_base_lins(block), x)
     for idx, projs in enumerate(_projections(block)):
         for lin in map(_base, projs):
             w = lin.weight
@@ -105,11 +128,15 @@ def _returns_router_logits(block: nn.Module) -> bool:
     changed across 4.x releases for some models): probed once with a one-token input, in
     eval mode so no jitter draws from the RNG."""
     w = block.gate.weight
-    probe = torch.zeros(1, 1, w.shape[1], dtype=w.dtype, device=w.device)
+    dtype = w.quant_state.dtype if q4.is_4bit(block.gate) else w.dtype
+    # with autograd on: bitsandbytes repacks 4-bit weights for its CPU kernel in a no-grad eval
+    # call, a layout groupmoe does not read
+    probe = torch.zeros(1, 1, block.gate.in_features, dtype=dtype, device=w.device,
+                        requires_grad=True)
     was_training = block.training
     block.eval()
     try:
-        with torch.no_grad():
+        with torch.enable_grad():
             return isinstance(block.forward(probe), tuple)
     finally:
         block.train(was_training)
@@ -149,16 +176,12 @@ def grouped_block_forward(self: nn.Module, hidden_states: torch.Tensor):
     if type(self).__name__ == "MixtralSparseMoeBlock" or getattr(self, "norm_topk_prob", False):
         weights = weights / weights.sum(dim=-1, keepdim=True)
     weights = weights.to(x.dtype)
-    make_gate_up, make_down = _stacks(self)
-    w1, w2 = make_gate_up(), make_down()
-    routing = build_routing(ids, len(self.experts))
-    with recompute_saved([(w1, make_gate_up), (w2, make_down)]):
-        if lora is None:
-            out = expert_mlp(x, routing, weights, w1.transpose(-1, -2), w2.transpose(-1, -2),
-                             activation=SwiGLU())
-        else:
-            out = expert_mlp_lora(x, routing, weights, w1.transpose(-1, -2),
-                                  w2.transpose(-1, -2), lora, activation=SwiGLU())
+    if _is_4bit(self):
+        gate_up, down = q4.nf4_stacks(self, _base_lins(self))
+        experts = QuantizedGroupedExperts(gate_up, down, SwiGLU(), compute_dtype=x.dtype)
+        out = experts(x, ids, weights, lora=lora)
+    else:
+        out = _dense_experts(self, x, ids, weights, lora)
     if getattr(self, "shared_expert", None) is not None:
         shared = self.shared_expert(x)
         if getattr(self, "shared_expert_gate", None) is not None:
@@ -166,6 +189,22 @@ def grouped_block_forward(self: nn.Module, hidden_states: torch.Tensor):
         out = out + shared
     out = out.reshape(shape)
     return (out, router_logits) if self._groupmoe_returns_logits else out
+
+
+def _dense_experts(block: nn.Module, x: torch.Tensor, ids: torch.Tensor,
+                   weights: torch.Tensor, lora: ExpertLoRA | None) -> torch.Tensor:
+    """The routed experts on stacks of the experts' float weights."""
+    make_gate_up, make_down = _stacks(block)
+    w1, w2 = make_gate_up(), make_down()
+    routing = build_routing(ids, len(block.experts))
+    with recompute_saved([(w1, make_gate_up), (w2, make_down)]):
+        if lora is None:
+            out = expert_mlp(x, routing, weights, w1.transpose(-1, -2), w2.transpose(-1, -2),
+                             activation=SwiGLU())
+        else:
+            out = expert_mlp_lora(x, routing, weights, w1.transpose(-1, -2),
+                                  w2.transpose(-1, -2), lora, activation=SwiGLU())
+    return out
 
 
 def patch_modulelist_blocks(model: nn.Module, report) -> None:
@@ -182,6 +221,8 @@ def patch_modulelist_blocks(model: nn.Module, report) -> None:
         block._groupmoe_returns_logits = _returns_router_logits(block)
         block.forward = types.MethodType(grouped_block_forward, block)
         report.patched.append(name)
+        if _is_4bit(block):
+            report.quantized[name] = q4.describe(_base_lins(block))
 
 
 def unpatch_modulelist_blocks(model: nn.Module) -> None:
@@ -193,3 +234,4 @@ def unpatch_modulelist_blocks(model: nn.Module) -> None:
             del block.__dict__["forward"]
             delattr(block, _ORIGINAL)
             delattr(block, "_groupmoe_returns_logits")
+            q4.drop_cache(block)
