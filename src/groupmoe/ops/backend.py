@@ -41,6 +41,7 @@ def set_backend(name: Backend) -> None:
 
 
 def get_backend() -> str:
+    """The process-wide backend (``GROUPMOE_BACKEND`` or the last :func:`set_backend`)."""
     return _backend
 
 

@@ -21,6 +21,8 @@ def set_validation(enabled: bool) -> None:
 
 
 def validation_enabled() -> bool:
+    """Whether the data-dependent checks (one device read per layer) run; see
+    :func:`set_validation`."""
     return _VALIDATE
 
 
