@@ -125,3 +125,21 @@ def test_unpatch_leaves_a_later_wrapper_in_place():
     model.block.forward = wrapper
     groupmoe.unpatch(model)
     assert model.block.forward is wrapper
+
+
+@pytest.mark.parametrize("case", ["activation", "bias"])
+def test_static_checks_cover_every_expert(case):
+    """An expert in the middle of the list that the grouped path cannot run as written (its
+    own activation, a bias) keeps the block on its loop (seed 003: eligibility on every
+    expert, not on one)."""
+    torch.manual_seed(0)
+    model = Model(Qwen3MoeSparseMoeBlock())
+    expert = model.block.experts[2]
+    if case == "activation":
+        expert.act_fn = nn.GELU()
+    else:
+        expert.up_proj.bias = nn.Parameter(torch.randn(expert.up_proj.out_features))
+    report = groupmoe.patch(model)
+    assert not report.patched
+    assert {"activation": "expert 2 activation is not SiLU",
+            "bias": "expert 2 has quantized or biased weights"}[case] == report.skipped["block"]
