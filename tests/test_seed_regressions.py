@@ -143,3 +143,23 @@ def test_static_checks_cover_every_expert(case):
     assert not report.patched
     assert {"activation": "expert 2 activation is not SiLU",
             "bias": "expert 2 has quantized or biased weights"}[case] == report.skipped["block"]
+
+
+@pytest.mark.parametrize("save", ["h", "none"])
+def test_expert_mlp_keeps_no_down_output_or_permuted_input(save):
+    """What the expert MLP node keeps for backward: x (the caller's tensor), the sorted router
+    weights, the weights and biases, and h [rows, 2I] only with save="h". The down output
+    (seed 004: kept only to form the gate gradient) and a permuted copy of x are not kept."""
+    from groupmoe.ops import build_routing, expert_mlp
+    from moe_cases import make_case
+
+    case = make_case(20, 16, 8, 4, 2, torch.float64, bias=True)
+    out = expert_mlp(case.x, build_routing(case.ids, 4), case.gates, case.w1, case.w2,
+                     case.b1, case.b2, save=save)
+    node = out.grad_fn
+    kept = [t for t in (*node.saved_tensors, node.h) if t is not None]
+    rows = case.ids.numel()
+    weights = sum(t.numel() for t in (case.w1, case.w2, case.b1, case.b2))
+    assert sum(t.numel() for t in kept) == case.x.numel() + rows + weights + \
+        (rows * 16 if save == "h" else 0)
+    assert any(t is case.x for t in node.saved_tensors)
