@@ -163,3 +163,35 @@ def test_expert_mlp_keeps_no_down_output_or_permuted_input(save):
     assert sum(t.numel() for t in kept) == case.x.numel() + rows + weights + \
         (rows * 16 if save == "h" else 0)
     assert any(t is case.x for t in node.saved_tensors)
+
+
+def test_patched_gpt_oss_experts_weight_grad_store_matches_direct():
+    """Seed 000's integration check on groupmoe's patch of transformers' GptOssExperts: with a
+    WeightGradStore the logits and every gradient match the direct run; before pop the expert
+    weight stacks have no gradient yet while their biases already have theirs (eager)."""
+    transformers = pytest.importorskip("transformers")
+    if int(transformers.__version__.split(".")[0]) < 5:
+        pytest.skip("stacked gpt-oss experts need transformers 5")
+    from groupmoe.parallel import WeightGradStore
+    from test_transformers import build, step, tokens
+
+    model = build("gpt_oss", torch.float64)
+    assert groupmoe.patch(model).patched
+    tok = tokens()
+    ref_logits, _, ref = step(model, tok)
+    store = WeightGradStore()
+    with store:
+        got_logits, _, before = step(model, tok)
+        store.flush()
+    assert rel_err(got_logits, ref_logits) < 1e-12
+    stacks = [n for n in ref if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]
+    biases = [n for n in ref if n.endswith(("experts.gate_up_proj_bias",
+                                            "experts.down_proj_bias"))]
+    assert len(stacks) == len(biases) == 4
+    assert not any(n in before for n in stacks)
+    for n in biases:
+        assert rel_err(before[n], ref[n]) < 1e-12, n
+    store.pop()
+    assert store.pending() == store.queued() == 0
+    for n, p in model.named_parameters():
+        assert rel_err(p.grad, ref[n]) < 1e-11, n
