@@ -97,14 +97,14 @@ def _static_reason(block: nn.Module) -> str | None:
         if why is not None:
             return why
     else:
+        probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
         for idx, projs in enumerate(_projections(block)):
             for lin in map(_base, projs):
                 if not lin.weight.is_floating_point() or getattr(lin, "bias", None) is not None:
                     return f"expert {idx} has quantized or biased weights"
-        act = getattr(block.experts[idx], "act_fn", None)
-        probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
-        if act is None or not torch.allclose(act(probe), F.silu(probe)):
-            return f"expert {idx} activation is not SiLU"
+            act = getattr(block.experts[idx], "act_fn", None)
+            if act is None or not torch.allclose(act(probe), F.silu(probe)):
+                return f"expert {idx} activation is not SiLU"
     lora = _lora(block, runtime=False)
     return lora if isinstance(lora, str) else None
 

@@ -86,16 +86,15 @@ def runtime_reason_4bit(lins: list[list[nn.Module]], x: torch.Tensor) -> str | N
     why = reason_4bit(lins)
     if why is not None:
         return why
-    lin = lins[0][0]
-    state = lin.weight.quant_state
+    state = lins[0][0].weight.quant_state
     for proj in lins:
         for p in proj:
             compute = _compute_dtype(p, x.dtype)
             if state.dtype != x.dtype or compute != x.dtype:
                 return f"4-bit weights of dtype {state.dtype} computed in {compute}, " \
                        f"input {x.dtype}"
-    if lin.weight.device != x.device:
-        return f"4-bit weights on {lin.weight.device}, input on {x.device}"
+            if p.weight.device != x.device:  # any expert (device_map / offload splits)
+                return f"4-bit weights on {p.weight.device}, input on {x.device}"
     return None
 
 
