@@ -97,25 +97,31 @@ def _down_dx_act_kernel(
 
     mask = row_mask[:, None] & col_mask[None, :]
     g = tl.load(g_ptr + rows, mask=row_mask, other=0.0).to(tl.float32)
-    h_rows = h_ptr + rows[:, None] * stride_hm
-    dh_rows = dh_ptr + rows[:, None] * stride_dhm
+    # 64-bit tile bases and 32-bit in-tile offsets: per-element 64-bit pointer tiles for h, dh
+    # and a pushed this epilogue past 255 registers (ptxas spills on sm_90)
+    local = tl.arange(0, BLOCK_M)[:, None]
+    h_rows = h_ptr + row0.to(tl.int64) * stride_hm
+    dh_rows = dh_ptr + row0.to(tl.int64) * stride_dhm
     out_ty = dh_ptr.dtype.element_ty
     if KIND == 0:  # swiglu: gate and up are the two halves of h
-        gate = tl.load(h_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(h_rows + INTER + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        h_offs = local * stride_hm + cols[None, :]
+        dh_offs = local * stride_dhm + cols[None, :]
+        gate = tl.load(h_rows + h_offs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(h_rows + INTER + h_offs, mask=mask, other=0.0).to(tl.float32)
         act, dgate, dup = act_backward(gate, up, acc * g[:, None], KIND, alpha, limit)
-        tl.store(dh_rows + cols[None, :], dgate.to(out_ty), mask=mask)
-        tl.store(dh_rows + INTER + cols[None, :], dup.to(out_ty), mask=mask)
+        tl.store(dh_rows + dh_offs, dgate.to(out_ty), mask=mask)
+        tl.store(dh_rows + INTER + dh_offs, dup.to(out_ty), mask=mask)
     else:  # gpt-oss: interleaved; one contiguous [rows, 2 * BLOCK_N] tile of h and of dh
         hc = 2 * pid_n * BLOCK_N + tl.arange(0, 2 * BLOCK_N)
         h_mask = row_mask[:, None] & (hc[None, :] < 2 * INTER)
-        hv = tl.load(h_rows + hc[None, :], mask=h_mask, other=0.0).to(tl.float32)
+        hv = tl.load(h_rows + local * stride_hm + hc[None, :], mask=h_mask,
+                     other=0.0).to(tl.float32)
         gate, up = tl.split(tl.reshape(hv, (BLOCK_M, BLOCK_N, 2)))
         act, dgate, dup = act_backward(gate, up, acc * g[:, None], KIND, alpha, limit)
         dhv = tl.reshape(tl.join(dgate, dup), (BLOCK_M, 2 * BLOCK_N))
-        tl.store(dh_rows + hc[None, :], dhv.to(out_ty), mask=h_mask)
+        tl.store(dh_rows + local * stride_dhm + hc[None, :], dhv.to(out_ty), mask=h_mask)
     if STORE_A:
-        tl.store(a_ptr + rows[:, None] * stride_am + cols[None, :],
+        tl.store(a_ptr + row0.to(tl.int64) * stride_am + local * stride_am + cols[None, :],
                  (act * g[:, None]).to(out_ty), mask=mask)
     if WANT_DG:
         part = tl.sum(tl.where(mask, acc * act, 0.0), axis=1)
