@@ -15,7 +15,8 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 for s in $stages; do
   echo "=== $s"
   case $s in
-    tests) python3 -m pytest -q -m gpu tests 2>&1 | tail -15 ;;
+    # the full log stays in $OUT even when a caller's timeout cuts the run short
+    tests) python3 -m pytest -q -rf -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     layer) python3 -m groupmoe bench --tokens 8192 \
              --impls loop naive groupmoe groupmoe-recompute dense --out "$OUT/layer_8192.json" \
              | grep '^|' ;;
