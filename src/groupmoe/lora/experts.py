@@ -78,6 +78,13 @@ class ExpertLoRA:
     gate_up: LoRAFactors | None = None
     down: LoRAFactors | None = None
 
+    def check(self, num_experts: int, hidden: int, intermediate: int, where: str) -> None:
+        """Both adapters' shapes fit ``num_experts`` experts of ``hidden -> intermediate``."""
+        if self.gate_up is not None:
+            self.gate_up.check(num_experts, hidden, 2 * intermediate, f"{where} gate_up")
+        if self.down is not None:
+            self.down.check(num_experts, intermediate, hidden, f"{where} down")
+
 
 def _lora_linear(x: torch.Tensor, w: torch.Tensor, lora: LoRAFactors | None, offs: torch.Tensor,
                  bias: torch.Tensor | None = None, group_index: torch.Tensor | None = None):
@@ -125,10 +132,7 @@ def expert_mlp_lora(
     act = get_activation(activation)
     lora = lora or ExpertLoRA()
     e, h, two_i = w_gate_up.shape
-    if lora.gate_up is not None:
-        lora.gate_up.check(e, h, two_i, "expert_mlp_lora gate_up")
-    if lora.down is not None:
-        lora.down.check(e, two_i // 2, h, "expert_mlp_lora down")
+    lora.check(e, h, two_i // 2, "expert_mlp_lora")
     offs, idx = routing.offsets, routing.expert_index
     xs = x.index_select(0, routing.token_index)
     hid = _lora_linear(xs, w_gate_up, lora.gate_up, offs, b_gate_up, idx)

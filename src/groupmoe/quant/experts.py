@@ -137,11 +137,9 @@ class QuantizedGroupedExperts(nn.Module):
         b1 = None if self.gate_up_bias is None else self.gate_up_bias.to(x.dtype)
         b2 = None if self.down_bias is None else self.down_bias.to(x.dtype)
         if self.dequant == "chunked":
-            e, h, i = self.num_experts, self.hidden_size, self.intermediate_size
-            if lora is not None and lora.gate_up is not None:
-                lora.gate_up.check(e, h, 2 * i, "QuantizedGroupedExperts gate_up")
-            if lora is not None and lora.down is not None:
-                lora.down.check(e, i, h, "QuantizedGroupedExperts down")
+            if lora is not None:
+                lora.check(self.num_experts, self.hidden_size, self.intermediate_size,
+                           "QuantizedGroupedExperts")
             return chunked_expert_mlp(x, routing, gate_weights, self.expert_weights,
                                       self.experts_per_chunk(), self.activation, lora, b1, b2,
                                       self.save)
