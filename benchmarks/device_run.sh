@@ -37,7 +37,8 @@ for s in $stages; do
     peers) LIGER_FUSED_MOE_AUTOTUNE=${LIGER_FUSED_MOE_AUTOTUNE:-0} timeout 240 python3 -m groupmoe \
              bench --shapes qwen3-30b-a3b olmoe-1b-7b mixtral-8x7b --modes train \
              --impls groupmoe liger dense --out "$OUT/peers.json" ;;
-    profile) python3 -m groupmoe.bench.profile --shape qwen3-30b-a3b --rows 14 2>&1 \
-               | cut -c1-60,100-170 | tail -20 ;;
+    profile) python3 -m groupmoe.bench.profile --shape qwen3-30b-a3b --impls groupmoe dense \
+               --rows 14 2>&1 \
+               | cut -c1-60,100-170 | grep -v '^-\{20\}' ;;
   esac
 done

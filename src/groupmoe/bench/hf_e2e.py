@@ -16,6 +16,7 @@ import logging
 import torch
 
 from .layer import environment
+from .profile import back_to_back_ms, kernel_ms
 from .timing import median_ms, peak_extra_bytes
 
 REAL = {
@@ -120,8 +121,13 @@ def profile_impl(name, impl, layers, batch, seq, smoke, device, dtype, rows=20) 
         if device.type == "cuda":
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages()
     print(f"--- {name} {impl}")
-    print(prof.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=50))
+    print(table.table(sort_by=key, row_limit=rows, max_name_column_width=50))
+    if device.type == "cuda":
+        print(f"per step: kernels {kernel_ms(table):.2f} ms (GPU busy), timed alone "
+              f"{median_ms(lambda i: step(), device, repeat=5):.2f} ms, back-to-back "
+              f"{back_to_back_ms(lambda i: step(), device, steps=4, repeat=3):.2f} ms")
 
 
 def main(argv=None) -> None:
