@@ -27,6 +27,36 @@ def test_trusted_ids_skip_only_the_value_check():
         build_routing(torch.tensor([[0.0, 1.0]]), 4, check_ids=False)
 
 
+def test_grouped_experts_checks_ids_unless_told_they_are_trusted(monkeypatch):
+    """GroupedExperts range-checks caller ids; MoEBlock's own TopKRouter ids skip the check
+    (and its device sync); a swapped-in router's ids are checked again."""
+    block = MoEBlock(8, 4, 4, top_k=2, dtype=torch.float64)
+    x, gates = torch.randn(2, 8, dtype=torch.float64), torch.full((2, 2), 0.5,
+                                                                  dtype=torch.float64)
+    with pytest.raises(ValueError, match="out of range"):
+        block.experts(x, torch.tensor([[0, 1], [4, 2]]), gates)
+    seen = []
+    real = build_routing
+
+    def spy(ids, e, *, check_ids=True):
+        seen.append(check_ids)
+        return real(ids, e, check_ids=check_ids)
+
+    monkeypatch.setattr("groupmoe.nn.experts.build_routing", spy)
+    block(torch.randn(3, 8, dtype=torch.float64))
+    assert seen == [False]
+
+    class OwnRouter(torch.nn.Module):
+        def forward(self, flat):
+            ids = torch.tensor([[0, 5]] * flat.shape[0])
+            return flat, torch.zeros(flat.shape[0], 4), torch.full(ids.shape, 0.5), ids
+
+    block.router = OwnRouter()
+    with pytest.raises(ValueError, match="out of range"):
+        block(torch.randn(3, 8, dtype=torch.float64))
+    assert seen[-1] is True
+
+
 def test_expert_ids_wrong_rank_or_dtype():
     with pytest.raises(ValueError, match=r"\[tokens, top_k\]"):
         build_routing(torch.tensor([0, 1]), 4)

@@ -63,7 +63,10 @@ class MoEBlock(nn.Module):
               f"{self.experts.gate_up.shape[1]}")
         flat = x.reshape(-1, hidden)
         flat, logits, weights, ids = self.router(flat)
-        out = self.experts(flat, ids, weights)
+        # TopKRouter's ids are topk over num_experts scores: in range by construction, so no
+        # range check (and no device sync per layer); a swapped-in router's are checked
+        out = self.experts(flat, ids, weights,
+                           check_ids=not isinstance(self.router, TopKRouter))
         if self.shared_expert is not None:
             out = out + self.shared_expert(flat)
         return out.view(x.shape), logits

@@ -63,17 +63,22 @@ class GroupedExperts(nn.Module):
                 nn.init.normal_(b, std=0.02)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor,
-                gate_weights: torch.Tensor) -> torch.Tensor:
-        """``x [T, H]``, ``expert_ids [T, k]``, ``gate_weights [T, k]`` -> ``[T, H]``."""
+                gate_weights: torch.Tensor, *, check_ids: bool = True) -> torch.Tensor:
+        """``x [T, H]``, ``expert_ids [T, k]``, ``gate_weights [T, k]`` -> ``[T, H]``.
+
+        ``check_ids=False`` skips the ids' range check and the device sync it costs (see
+        :func:`~groupmoe.ops.build_routing`), for ids in range by construction, such as a
+        router's ``topk`` over ``num_experts`` scores.
+        """
         args = (self.gate_up, self.down, self.gate_up_bias, self.down_bias, self.activation)
         if self.impl != "groupmoe":  # the fused Function skips these itself
             x = x.detach() if self.input_grad is False else x
             if self.weight_grad is False:
                 args = (*(None if w is None else w.detach() for w in args[:4]), args[4])
         if self.impl == "loop":
-            check_expert_ids(expert_ids, self.num_experts, "GroupedExperts")
+            check_expert_ids(expert_ids, self.num_experts, "GroupedExperts", values=check_ids)
             return expert_mlp_reference(x, expert_ids, gate_weights, *args)
-        routing = build_routing(expert_ids, self.num_experts)
+        routing = build_routing(expert_ids, self.num_experts, check_ids=check_ids)
         if self.impl == "naive":
             return expert_mlp_naive(x, routing, gate_weights, *args)
         return expert_mlp(x, routing, gate_weights, *args, save=self.save,

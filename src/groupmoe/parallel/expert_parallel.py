@@ -203,7 +203,8 @@ class ExpertParallel(GroupedExperts):
                     getattr(ep, name).requires_grad_(full.requires_grad)
         return ep
 
-    def _route(self, x, expert_ids, gate_weights) -> tuple[Routing | None, str]:
+    def _route(self, x, expert_ids, gate_weights, check_ids: bool
+               ) -> tuple[Routing | None, str]:
         """This rank's routing, or its input error: errors are raised on every rank after the
         count exchange, so that one rank's bad input never leaves the others waiting."""
         h = self.gate_up.shape[1]
@@ -222,7 +223,7 @@ class ExpertParallel(GroupedExperts):
                   f"x is {x.dtype} but the expert weights are {self.gate_up.dtype}")
             check(x.device == self.gate_up.device,
                   f"x is on {x.device} but the expert weights are on {self.gate_up.device}")
-            return build_routing(expert_ids, self.global_num_experts), ""
+            return build_routing(expert_ids, self.global_num_experts, check_ids=check_ids), ""
         except ValueError as e:
             return None, str(e)
 
@@ -237,13 +238,15 @@ class ExpertParallel(GroupedExperts):
                 int(any(w.requires_grad for w in self.parameters()))]
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor,
-                gate_weights: torch.Tensor) -> torch.Tensor:
+                gate_weights: torch.Tensor, *, check_ids: bool = True) -> torch.Tensor:
         """``x [T, H]``, global ``expert_ids [T, k]``, ``gate_weights [T, k]`` -> ``[T, H]``.
 
         ``T`` and the routing may differ per rank; every rank of the group must call it.
+        ``check_ids=False`` skips the ids' range check (and its device sync) for ids in range
+        by construction, as :meth:`GroupedExperts.forward <groupmoe.nn.GroupedExperts.forward>`.
         """
         world, per = self.world_size, self.num_experts
-        routing, error = self._route(x, expert_ids, gate_weights)
+        routing, error = self._route(x, expert_ids, gate_weights, check_ids)
         counts = routing.counts if routing is not None else \
             torch.zeros(self.global_num_experts, dtype=torch.long, device=x.device)
         mine = self._call_config(x, expert_ids, gate_weights, bool(error))
