@@ -39,6 +39,6 @@ for s in $stages; do
              --impls groupmoe liger dense --out "$OUT/peers.json" ;;
     profile) python3 -m groupmoe.bench.profile --shape qwen3-30b-a3b --impls groupmoe dense \
                --rows 14 2>&1 \
-               | cut -c1-60,100-170 | grep -v '^-\{20\}' ;;
+               | awk '/^per step/ {print; next} !/^-----/ {print substr($0, 1, 60) substr($0, 100, 70)}' ;;
   esac
 done
