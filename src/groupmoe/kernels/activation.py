@@ -46,26 +46,56 @@ def act_backward(gate, up, da, KIND: tl.constexpr, alpha, limit):
 
 
 @triton.jit
-def _cols(offs_n, inter, KIND: tl.constexpr):
+def _load_gate_up(h_ptr, row, stride_h, col0, row_mask, inter, KIND: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """fp32 ``(gate, up)`` tiles of act-output columns ``col0 + [0, BLOCK_N)``. swiglu: the two
+    halves of ``h``; gpt-oss: interleaved, read as one contiguous ``[BLOCK_M, 2 * BLOCK_N]``
+    tile and split in registers (two stride-2 loads ran at a fifth of the bandwidth)."""
+    base = h_ptr + row * stride_h
     if KIND == 0:
-        return offs_n, offs_n + inter
-    return 2 * offs_n, 2 * offs_n + 1
+        offs_n = col0 + tl.arange(0, BLOCK_N)
+        mask = row_mask[:, None] & (offs_n[None, :] < inter)
+        gate = tl.load(base + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(base + inter + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+        return gate, up
+    hc = 2 * col0 + tl.arange(0, 2 * BLOCK_N)
+    mask = row_mask[:, None] & (hc[None, :] < 2 * inter)
+    hv = tl.load(base + hc[None, :], mask=mask, other=0.0).to(tl.float32)
+    return tl.split(tl.reshape(hv, (BLOCK_M, BLOCK_N, 2)))
+
+
+@triton.jit
+def _store_gate_up(ptr, row, stride, col0, row_mask, inter, dgate, dup, KIND: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Store ``(dgate, dup)`` where :func:`_load_gate_up` read ``(gate, up)``."""
+    base = ptr + row * stride
+    out_ty = ptr.dtype.element_ty
+    if KIND == 0:
+        offs_n = col0 + tl.arange(0, BLOCK_N)
+        mask = row_mask[:, None] & (offs_n[None, :] < inter)
+        tl.store(base + offs_n[None, :], dgate.to(out_ty), mask=mask)
+        tl.store(base + inter + offs_n[None, :], dup.to(out_ty), mask=mask)
+    else:
+        hc = 2 * col0 + tl.arange(0, 2 * BLOCK_N)
+        mask = row_mask[:, None] & (hc[None, :] < 2 * inter)
+        tl.store(base + hc[None, :],
+                 tl.reshape(tl.join(dgate, dup), (BLOCK_M, 2 * BLOCK_N)).to(out_ty), mask=mask)
 
 
 @triton.jit
 def _fwd_kernel(h_ptr, g_ptr, out_ptr, M, inter, stride_h, stride_o, alpha, limit,
                 KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (offs_m[:, None] < M) & (offs_n[None, :] < inter)
-    cg, cu = _cols(offs_n, inter, KIND)
+    col0 = tl.program_id(1) * BLOCK_N
+    offs_n = col0 + tl.arange(0, BLOCK_N)
+    row_mask = offs_m < M
     row = offs_m[:, None].to(tl.int64)
-    gate = tl.load(h_ptr + row * stride_h + cg[None, :], mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(h_ptr + row * stride_h + cu[None, :], mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)
+    gate, up = _load_gate_up(h_ptr, row, stride_h, col0, row_mask, inter, KIND, BLOCK_M,
+                             BLOCK_N)
+    g = tl.load(g_ptr + offs_m, mask=row_mask, other=0.0).to(tl.float32)
     a = _act(gate, up, KIND, alpha, limit) * g[:, None]
     tl.store(out_ptr + row * stride_o + offs_n[None, :], a.to(out_ptr.dtype.element_ty),
-             mask=mask)
+             mask=row_mask[:, None] & (offs_n[None, :] < inter))
 
 
 @triton.jit
@@ -73,27 +103,25 @@ def _bwd_kernel(h_ptr, g_ptr, da_ptr, dh_ptr, a_ptr, dg_ptr, M, inter, stride_h,
                 stride_dh, stride_a, alpha, limit, KIND: tl.constexpr, STORE_A: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = offs_m < M
     row = offs_m[:, None].to(tl.int64)
-    g = tl.load(g_ptr + offs_m, mask=offs_m < M, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs_m, mask=row_mask, other=0.0).to(tl.float32)
     dg = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    for n0 in range(0, inter, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask = (offs_m[:, None] < M) & (offs_n[None, :] < inter)
-        cg, cu = _cols(offs_n, inter, KIND)
-        gate = tl.load(h_ptr + row * stride_h + cg[None, :], mask=mask, other=0.0)
-        gate = gate.to(tl.float32)
-        up = tl.load(h_ptr + row * stride_h + cu[None, :], mask=mask, other=0.0).to(tl.float32)
+    for col0 in range(0, inter, BLOCK_N):
+        offs_n = col0 + tl.arange(0, BLOCK_N)
+        mask = row_mask[:, None] & (offs_n[None, :] < inter)
+        gate, up = _load_gate_up(h_ptr, row, stride_h, col0, row_mask, inter, KIND, BLOCK_M,
+                                 BLOCK_N)
         da_s = tl.load(da_ptr + row * stride_da + offs_n[None, :], mask=mask, other=0.0)
         da_s = da_s.to(tl.float32)
         a, dgate, dup = act_backward(gate, up, da_s * g[:, None], KIND, alpha, limit)
         dg += tl.sum(da_s * a, axis=1)
-        out_ty = dh_ptr.dtype.element_ty
-        tl.store(dh_ptr + row * stride_dh + cg[None, :], dgate.to(out_ty), mask=mask)
-        tl.store(dh_ptr + row * stride_dh + cu[None, :], dup.to(out_ty), mask=mask)
+        _store_gate_up(dh_ptr, row, stride_dh, col0, row_mask, inter, dgate, dup, KIND,
+                       BLOCK_M, BLOCK_N)
         if STORE_A:
-            tl.store(a_ptr + row * stride_a + offs_n[None, :], (a * g[:, None]).to(out_ty),
-                     mask=mask)
-    tl.store(dg_ptr + offs_m, dg, mask=offs_m < M)
+            tl.store(a_ptr + row * stride_a + offs_n[None, :],
+                     (a * g[:, None]).to(a_ptr.dtype.element_ty), mask=mask)
+    tl.store(dg_ptr + offs_m, dg, mask=row_mask)
 
 
 def act_kind(act) -> tuple[int, float, float]:
