@@ -1,9 +1,11 @@
 """Run by test_bias_prob.py in a subprocess with TRITON_INTERPRET=1 (set before triton is
-imported): the dbias/dprob kernel on CPU tensors against the torch formula in fp64."""
+imported): the dbias/dprob kernel and the segment-sum kernel on CPU tensors against the torch
+formula in fp64."""
 
 import torch
 
 from groupmoe.kernels.bias_prob import bias_prob_grads as kernel
+from groupmoe.kernels.bias_prob import segment_sum
 from groupmoe.ops import build_routing
 from moe_cases import make_ids, rel_err
 
@@ -39,4 +41,10 @@ for t, k, e, h, load, dtype in cases:
         assert rel_err(dp, rdp) < tol if rdp.norm() else not dp.any(), (t, h, dtype)
         empty = r.counts == 0
         assert not db[empty].any(), "empty experts must get exact zeros"
+        # the gate_up bias gradient: the same walk without prob, read in place
+        ss = segment_sum(dy, offsets)
+        ref = torch.zeros(e, h, dtype=torch.float64).index_add_(0, r.expert_index, dy.double())
+        assert ss.dtype == torch.float32 and ss.shape == (e, h)
+        assert rel_err(ss, ref) < tol if ref.norm() else not ss.any(), (t, h, dtype)
+        assert not ss[empty].any(), "empty experts must get exact zeros"
 print("interp-ok")

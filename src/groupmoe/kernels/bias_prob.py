@@ -1,7 +1,8 @@
 """Gradients of the gate-scaled down bias ``prob[i] * bias[expert(i)]`` (seed 002), fp32 out:
 
 * ``dbias[e] = sum_{i in e} prob_i dy_i``: one program per (expert, column block) walking the
-  expert's rows (rows are expert-sorted), so no atomics and a deterministic order;
+  expert's rows (rows are expert-sorted), so no atomics and a deterministic order; without
+  ``prob`` the same kernel is :func:`segment_sum` (the gate_up bias gradient);
 * ``dprob[i] = <dy_i, bias[expert(i)]>``: one program per row block walking the columns.
 """
 
@@ -24,7 +25,8 @@ def _src_rows(idx_ptr, rows, mask, HAS_INDEX: tl.constexpr):
 
 @triton.jit
 def _dbias_kernel(dy_ptr, idx_ptr, prob_ptr, offs_ptr, out_ptr, H, stride_dy,
-                  HAS_INDEX: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_H: tl.constexpr):
+                  HAS_INDEX: tl.constexpr, HAS_PROB: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_H: tl.constexpr):
     e = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     start = tl.load(offs_ptr + e - 1, mask=e > 0, other=0)
@@ -33,12 +35,13 @@ def _dbias_kernel(dy_ptr, idx_ptr, prob_ptr, offs_ptr, out_ptr, H, stride_dy,
     for r0 in range(start, end, BLOCK_M):
         rows = r0 + tl.arange(0, BLOCK_M)
         mrow = rows < end
-        p = tl.load(prob_ptr + rows, mask=mrow, other=0.0).to(tl.float32)
         src = _src_rows(idx_ptr, rows, mrow, HAS_INDEX)
         dy = tl.load(dy_ptr + src[:, None] * stride_dy + cols[None, :],
                      mask=mrow[:, None] & (cols[None, :] < H), other=0.0).to(tl.float32)
-        acc += tl.sum(dy * p[:, None], axis=0)
-    tl.store(out_ptr + e * H + cols, acc, mask=cols < H)
+        if HAS_PROB:
+            dy = dy * tl.load(prob_ptr + rows, mask=mrow, other=0.0).to(tl.float32)[:, None]
+        acc += tl.sum(dy, axis=0)
+    tl.store(out_ptr + e.to(tl.int64) * H + cols, acc, mask=cols < H)
 
 
 @triton.jit
@@ -107,9 +110,30 @@ def bias_prob_grads(dy: torch.Tensor, prob: torch.Tensor, bias: torch.Tensor,
     if e:
         _dbias_kernel[(e, triton.cdiv(h, block_h))](dy, idx, prob, offsets, dbias, h,
                                                     dy.stride(0), HAS_INDEX=has_index,
-                                                    BLOCK_M=32, BLOCK_H=block_h)
+                                                    HAS_PROB=True, BLOCK_M=32, BLOCK_H=block_h)
     if m:
         _dprob_kernel[(triton.cdiv(m, 32),)](dy, idx, bias, expert_index, dprob, m, h,
                                              dy.stride(0), bias.stride(0), HAS_INDEX=has_index,
                                              BLOCK_M=32, BLOCK_H=block_h)
     return dbias, dprob
+
+
+def segment_sum(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """``out[e] = sum of rows of x in group e`` (fp32 ``[E, H]``) for rows sorted by group,
+    ``offsets [E]`` their cumulative ends: read in place (no fp32 copy of ``x``), no atomics,
+    a fixed summation order."""
+    check(x.dim() == 2, f"segment_sum: x must be [rows, hidden], got {tuple(x.shape)}")
+    check(offsets.dim() == 1 and offsets.dtype in (torch.int32, torch.int64),
+          f"segment_sum: offsets must be a 1-D int32/int64 tensor, got {offsets.dtype} "
+          f"{tuple(offsets.shape)}")
+    check_same_device("segment_sum", x=x, offsets=offsets)
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    offsets = offsets.contiguous()
+    e, h = offsets.numel(), x.shape[1]
+    out = torch.empty(e, h, dtype=torch.float32, device=x.device)
+    if e and h:
+        block_h = min(128, triton.next_power_of_2(h))
+        _dbias_kernel[(e, triton.cdiv(h, block_h))](x, offsets, x, offsets, out, h, x.stride(0),
+                                                    HAS_INDEX=False, HAS_PROB=False,
+                                                    BLOCK_M=32, BLOCK_H=block_h)
+    return out

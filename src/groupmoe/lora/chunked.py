@@ -184,7 +184,7 @@ class ChunkedExpertFunction(torch.autograd.Function):
             if need_g:
                 dg[c.r0:c.r1] = dg_c + dprob if b2 is not None else dg_c
             if need_b1:
-                db1[c.e0:c.e1] = segment_sum(dh, idx, c.e1 - c.e0)
+                db1[c.e0:c.e1] = segment_sum(dh, idx, c.e1 - c.e0, c.offs)
             du = None
             if a1 is not None:
                 u, us[i] = us[i], None

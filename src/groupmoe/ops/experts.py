@@ -223,7 +223,7 @@ class ExpertMLPFunction(torch.autograd.Function):
             dg = dg + dprob if dg is not None else None
         del dy
         dw1 = weight_grad(defer_w1, need_w1, wgrad, w1, x, routing.token_index, dh, None, offs)
-        db1 = segment_sum(dh, routing.expert_index, routing.num_experts).to(b1.dtype) \
+        db1 = segment_sum(dh, routing.expert_index, routing.num_experts, offs).to(b1.dtype) \
             if need_b1 else None
         dx = None
         if need_x:

@@ -18,6 +18,7 @@ import logging
 
 import torch
 
+from .backend import use_triton
 from .checks import check, check_same_device, check_same_dtype
 from .dtypes import to_accum
 
@@ -120,8 +121,18 @@ def grouped_wgrad_like(w: torch.Tensor, a: torch.Tensor, dy: torch.Tensor,
     return grouped_mm_wgrad(a, dy, offs)
 
 
-def segment_sum(x: torch.Tensor, group_index: torch.Tensor, groups: int) -> torch.Tensor:
-    """Sum rows of ``x`` per group in fp32: the bias gradient of ``bias[group_index]``."""
+def segment_sum(x: torch.Tensor, group_index: torch.Tensor, groups: int,
+                offsets: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum rows of ``x`` per group in fp32: the bias gradient of ``bias[group_index]``.
+
+    With ``offsets`` (the groups' cumulative row ends; rows sorted by group), CUDA tensors take
+    one Triton pass that reads ``x`` in place: no fp32 copy, no atomics, deterministic (on an
+    H100 the copy + ``index_add_`` took 1.8 ms for gpt-oss-20b's gate_up bias gradient).
+    """
+    if offsets is not None and x.dim() == 2 and use_triton(x):
+        from ..kernels.bias_prob import segment_sum as segment_sum_kernel
+
+        return segment_sum_kernel(x, offsets)
     xa = to_accum(x)
     out = torch.zeros(groups, *x.shape[1:], dtype=xa.dtype, device=x.device)
     return out.index_add_(0, group_index, xa)
