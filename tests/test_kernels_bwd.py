@@ -62,9 +62,12 @@ def test_gpu_expert_backward_fp32(activation):
 
 
 @gpu
-def test_gpu_backward_is_deterministic():
+@pytest.mark.parametrize("backend,activation,bias", [("triton", "swiglu", False),
+                                                     ("auto", "gptoss", True)])
+def test_gpu_backward_is_deterministic(backend, activation, bias):
     """dg sums per-tile partials in a fixed order, dx sums the k slots in registers, dW
-    reduces in one program: two backward passes give bitwise equal gradients."""
+    reduces in one program, the bias gradients walk each expert's rows in order (no atomics):
+    two backward passes give bitwise equal gradients."""
     from groupmoe.ops import build_routing, expert_mlp
 
     torch.manual_seed(0)
@@ -73,14 +76,18 @@ def test_gpu_backward_is_deterministic():
     gates = torch.rand(t, k, device="cuda", requires_grad=True)
     w1 = (torch.randn(e, h, 2 * i, device="cuda", dtype=BF16) / h ** 0.5).requires_grad_()
     w2 = (torch.randn(e, i, h, device="cuda", dtype=BF16) / i ** 0.5).requires_grad_()
+    b1 = (torch.randn(e, 2 * i, device="cuda", dtype=BF16) * 0.1).requires_grad_() \
+        if bias else None
+    b2 = (torch.randn(e, h, device="cuda", dtype=BF16) * 0.1).requires_grad_() if bias else None
+    leaves = [t for t in (x, gates, w1, w2, b1, b2) if t is not None]
     r = build_routing(torch.rand(t, e, device="cuda").topk(k, dim=1).indices, e)
     up = torch.randn(t, h, device="cuda", dtype=BF16)
     grads = []
     for _ in range(2):
-        for leaf in (x, gates, w1, w2):
+        for leaf in leaves:
             leaf.grad = None
-        expert_mlp(x, r, gates, w1, w2, backend="triton").backward(up)
-        grads.append([leaf.grad.clone() for leaf in (x, gates, w1, w2)])
+        expert_mlp(x, r, gates, w1, w2, b1, b2, activation, backend=backend).backward(up)
+        grads.append([leaf.grad.clone() for leaf in leaves])
     assert all(torch.equal(a, b) for a, b in zip(*grads))
 
 
