@@ -6,10 +6,9 @@
   than torch on an H100 (benchmarks/RESULTS.md): fused activation + router weight, gather-sum
   combine, the bias gradients (gate_up's segment sum, down's with the router weight's)
   always; the fused gather + grouped GEMM forward (:mod:`groupmoe.kernels.grouped`) for
-  experts with a down bias (gpt-oss: 1.38x forward,
-  1.10x forward+backward), where its epilogue absorbs the bias and activation passes, with the
-  torch backward. torch grouped_mm for the rest (on par or faster there). torch everywhere
-  else.
+  experts with a down bias (gpt-oss: 1.38x forward, 1.10x forward+backward), where its
+  epilogue absorbs the bias and activation passes, with the torch backward. torch grouped_mm
+  for the rest (on par or faster there). torch everywhere else.
 * ``torch``: torch only (grouped_mm and elementwise ops): the reference.
 * ``triton``: every Triton kernel, the fused-GEMM forward and backward
   (:mod:`groupmoe.kernels.grouped_bwd`) included; and, under
