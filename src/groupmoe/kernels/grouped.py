@@ -29,17 +29,22 @@ _ACT_CODES = {"none": ACT_NONE, "swiglu": ACT_SWIGLU, "gptoss": ACT_GPTOSS}
 DEFAULT_CONFIG = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
 
 
+def tile_configs(blocks: tuple[str, ...], shapes: list[tuple[int, ...]]) -> list[triton.Config]:
+    """Autotune configs from rows ``(*block sizes, warps, stages)``, the block sizes named by
+    ``blocks`` in row order."""
+    return [triton.Config(dict(zip(blocks, row)), num_warps=row[-2], num_stages=row[-1])
+            for row in shapes]
+
+
 def _configs() -> list[triton.Config]:
     """A short H100 bf16 list; ``BLOCK_N`` is the width of the h tile (act outputs are half)."""
-    shapes = [  # BLOCK_M, BLOCK_N, BLOCK_K, warps, stages
+    return tile_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [  # ..., warps, stages
         (128, 128, 64, 8, 3),
         (128, 256, 64, 8, 3),
         (64, 128, 64, 4, 4),
         (128, 128, 64, 4, 4),
         (64, 256, 64, 8, 3),
-    ]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+    ])
 
 
 def _autotune_enabled() -> bool:

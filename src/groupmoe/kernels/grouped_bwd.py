@@ -23,7 +23,7 @@ import triton.language as tl
 from ..ops.checks import check
 from . import interpreting
 from .activation import act_backward, act_kind
-from .grouped import _autotune_enabled, _dot, _swizzled_tile
+from .grouped import _autotune_enabled, _dot, _swizzled_tile, tile_configs
 
 # the fixed configs (interpreter, GROUPMOE_TRITON_AUTOTUNE=0)
 DX_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4}
@@ -33,27 +33,25 @@ _MIN_DX_N = 64  # smallest BLOCK_N of the dx configs: sizes the dg partial-sum b
 
 def _dx_configs() -> list[triton.Config]:
     # The activation-backward epilogue holds several fp32 tiles: 128x128 tiles spill
-    # kilobytes of registers on sm_90 (ptxas), these at most a few dozen bytes.
-    shapes = [  # BLOCK_M, BLOCK_N (act columns), BLOCK_K, warps, stages
+    # kilobytes of registers on sm_90 (ptxas), these at most a few dozen bytes. BLOCK_N counts
+    # act columns.
+    return tile_configs(("BLOCK_M", "BLOCK_N", "BLOCK_K"), [  # ..., warps, stages
         (64, 64, 64, 8, 4),
         (128, 64, 64, 8, 3),
         (64, 128, 64, 8, 3),
         (128, 64, 32, 8, 4),
-    ]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+    ])
 
 
 def _wgrad_configs() -> list[triton.Config]:
-    shapes = [  # BLOCK_K (rows of dW), BLOCK_N (cols of dW), BLOCK_M (reduction), warps, stages
+    # BLOCK_K: rows of dW, BLOCK_N: its columns, BLOCK_M: the reduction over routed rows
+    return tile_configs(("BLOCK_K", "BLOCK_N", "BLOCK_M"), [  # ..., warps, stages
         (128, 128, 64, 8, 3),
         (128, 128, 32, 4, 4),
         (64, 128, 64, 4, 4),
         (128, 256, 64, 8, 3),
         (128, 64, 64, 4, 4),
-    ]
-    return [triton.Config({"BLOCK_K": k, "BLOCK_N": n, "BLOCK_M": m}, num_warps=w, num_stages=s)
-            for k, n, m, w, s in shapes]
+    ])
 
 
 @triton.jit
