@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import groupmoe
-from moe_cases import rel_err
+from moe_cases import count_calls, rel_err
 
 
 class _MLP(nn.Module):
@@ -217,10 +217,7 @@ def test_peft_lora_on_expert_linears_runs_grouped(name, targets, monkeypatch):
     x = torch.randn(3, 7, 16, dtype=torch.float64)
     ref, ref_dx, ref_grads = _lora_run(model, x)
     assert sum("lora_" in n for n in ref_grads) > 0
-    calls = []
-    real = modulelist.expert_mlp_lora
-    monkeypatch.setattr(modulelist, "expert_mlp_lora", lambda *a, **k: calls.append(1) or
-                        real(*a, **k))
+    calls = count_calls(monkeypatch, modulelist, "expert_mlp_lora")
     report = groupmoe.patch(model)
     assert len(report.patched) == 1 and not report.skipped, str(report)
     out, dx, grads = _lora_run(model, x)

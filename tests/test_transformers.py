@@ -5,7 +5,7 @@ import logging
 import pytest
 import torch
 
-from moe_cases import rel_err
+from moe_cases import count_calls, rel_err
 
 transformers = pytest.importorskip("transformers")
 if int(transformers.__version__.split(".")[0]) < 5:
@@ -160,7 +160,7 @@ def test_frozen_experts_and_lora_on_attention():
         assert rel_err(grads[n], ref_grads[n]) < 1e-4, n
 
 
-def test_lora_on_experts_runs_grouped():
+def test_lora_on_experts_runs_grouped(monkeypatch):
     peft = pytest.importorskip("peft")
     model = build("qwen3_moe")
     cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[], init_lora_weights=False,
@@ -172,13 +172,8 @@ def test_lora_on_experts_runs_grouped():
     groupmoe.patch(model)
     from groupmoe.lora import experts as lora_experts
 
-    calls = []
-    orig = lora_experts.expert_mlp_lora
-    lora_experts.expert_mlp_lora = lambda *a, **k: calls.append(1) or orig(*a, **k)
-    try:
-        logits, _, grads = step(model, ids)
-    finally:
-        lora_experts.expert_mlp_lora = orig
+    calls = count_calls(monkeypatch, lora_experts, "expert_mlp_lora")
+    logits, _, grads = step(model, ids)
     assert calls, "LoRA on experts did not take the grouped LoRA path"
     assert rel_err(logits, ref_logits) < 1e-5
     lora_grads = [n for n in grads if "lora" in n]

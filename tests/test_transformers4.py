@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import groupmoe
-from moe_cases import rel_err
+from moe_cases import count_calls, rel_err
 
 
 def _major():
@@ -166,10 +166,7 @@ def test_peft_lora_on_expert_linears_runs_grouped(name, monkeypatch):
     ids = tokens()
     ref = step(model, ids)
     assert any(".experts." in n and "lora_A" in n for n in ref[2])
-    calls = []
-    real = modulelist.expert_mlp_lora
-    monkeypatch.setattr(modulelist, "expert_mlp_lora", lambda *a, **k: calls.append(1) or
-                        real(*a, **k))
+    calls = count_calls(monkeypatch, modulelist, "expert_mlp_lora")
     report = groupmoe.patch(model)
     assert len(report.patched) == 2 and not report.skipped, str(report)
     _assert_close(step(model, ids), ref)
@@ -205,10 +202,7 @@ def test_4bit_expert_linears_run_grouped(name, lora_on, dtype, monkeypatch):
     ids = tokens()
     ref = step(model, ids)
     assert any(".experts." in n for n in ref[2]) == (lora_on == "experts")
-    calls = []
-    real = qexperts.chunked_expert_mlp
-    monkeypatch.setattr(qexperts, "chunked_expert_mlp", lambda *a, **k: calls.append(1) or
-                        real(*a, **k))
+    calls = count_calls(monkeypatch, qexperts, "chunked_expert_mlp")
     report = groupmoe.patch(model)
     assert len(report.patched) == layers and len(report.quantized) == layers, str(report)
     assert not report.skipped, str(report)
@@ -256,10 +250,7 @@ def test_bitsandbytes_config_4bit_experts_with_lora(name, tmp_path, monkeypatch)
                for n, p in model.named_parameters()) == 8 * 3
     ids = tokens()
     ref = step(model, ids)
-    calls = []
-    real = qexperts.chunked_expert_mlp
-    monkeypatch.setattr(qexperts, "chunked_expert_mlp", lambda *a, **k: calls.append(1) or
-                        real(*a, **k))
+    calls = count_calls(monkeypatch, qexperts, "chunked_expert_mlp")
     report = groupmoe.patch(model)
     assert len(report.quantized) == 1 and not report.skipped, str(report)
     got = step(model, ids)
