@@ -109,11 +109,12 @@ def _static_reason(block: nn.Module) -> str | None:
     return lora if isinstance(lora, str) else None
 
 
-def _runtime_reason(block: nn.Module, x: torch.Tensor) -> str | None:
-    if _is_4bit(block):
-        return q4.runtime_reason_4bit(_base_lins(block), x)
-    for idx, projs in enumerate(_projections(block)):
-        for lin in map(_base, projs):
+def _runtime_reason(lins: list[list[nn.Module]], x: torch.Tensor) -> str | None:
+    """Why this call cannot run grouped, given the experts' base Linears (:func:`_base_lins`)."""
+    if q4.is_4bit(lins[0][0]):
+        return q4.runtime_reason_4bit(lins, x)
+    for idx, projs in enumerate(zip(*lins)):
+        for lin in projs:
             w = lin.weight
             if w.dtype != x.dtype or w.device != x.device:
                 return f"expert {idx} weights {w.dtype} on {w.device}, input {x.dtype} on " \
@@ -157,7 +158,8 @@ def _stacks(block: nn.Module):
 def grouped_block_forward(self: nn.Module, hidden_states: torch.Tensor):
     """Replacement forward of a ModuleList MoE block (see module docstring)."""
     lora = _lora(self, runtime=True)
-    reason = lora if isinstance(lora, str) else _runtime_reason(self, hidden_states)
+    lins = _base_lins(self)
+    reason = lora if isinstance(lora, str) else _runtime_reason(lins, hidden_states)
     if reason is not None:
         key = (type(self).__name__, reason)
         if key not in _warned:
@@ -176,8 +178,8 @@ def grouped_block_forward(self: nn.Module, hidden_states: torch.Tensor):
     if type(self).__name__ == "MixtralSparseMoeBlock" or getattr(self, "norm_topk_prob", False):
         weights = weights / weights.sum(dim=-1, keepdim=True)
     weights = weights.to(x.dtype)
-    if _is_4bit(self):
-        gate_up, down = q4.nf4_stacks(self, _base_lins(self))
+    if q4.is_4bit(lins[0][0]):
+        gate_up, down = q4.nf4_stacks(self, lins)
         experts = QuantizedGroupedExperts(gate_up, down, SwiGLU(), compute_dtype=x.dtype)
         out = experts(x, ids, weights, lora=lora)
     else:
