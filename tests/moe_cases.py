@@ -101,3 +101,15 @@ def count_calls(monkeypatch, module, name: str) -> list:
     calls, real = [], getattr(module, name)
     monkeypatch.setattr(module, name, lambda *a, **k: calls.append(1) or real(*a, **k))
     return calls
+
+
+def spy_check_ids(monkeypatch, module) -> list:
+    """Wrap ``module.build_routing``: the returned list gets each call's ``check_ids``."""
+    seen, real = [], module.build_routing
+
+    def spy(ids, num_experts, *, check_ids=True):
+        seen.append(check_ids)
+        return real(ids, num_experts, check_ids=check_ids)
+
+    monkeypatch.setattr(module, "build_routing", spy)
+    return seen

@@ -5,7 +5,7 @@ import torch
 
 from groupmoe import MoEBlock
 from groupmoe.ops import build_routing, expert_mlp, grouped_mm, route, set_validation
-from moe_cases import make_case
+from moe_cases import make_case, spy_check_ids
 
 
 def _args(case):
@@ -35,14 +35,9 @@ def test_grouped_experts_checks_ids_unless_told_they_are_trusted(monkeypatch):
                                                                   dtype=torch.float64)
     with pytest.raises(ValueError, match="out of range"):
         block.experts(x, torch.tensor([[0, 1], [4, 2]]), gates)
-    seen = []
-    real = build_routing
+    from groupmoe.nn import experts
 
-    def spy(ids, e, *, check_ids=True):
-        seen.append(check_ids)
-        return real(ids, e, check_ids=check_ids)
-
-    monkeypatch.setattr("groupmoe.nn.experts.build_routing", spy)
+    seen = spy_check_ids(monkeypatch, experts)
     block(torch.randn(3, 8, dtype=torch.float64))
     assert seen == [False]
 

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import groupmoe
-from moe_cases import count_calls, rel_err
+from groupmoe.integrations import modulelist
+from moe_cases import count_calls, rel_err, spy_check_ids
 
 
 class _MLP(nn.Module):
@@ -116,14 +117,16 @@ def _run(model, x, seed=3):
 
 
 @pytest.mark.parametrize("name", list(BLOCKS))
-def test_modulelist_block_matches_loop(name):
+def test_modulelist_block_matches_loop(name, monkeypatch):
     torch.manual_seed(0)
     model = Model(BLOCKS[name]()).double().train()
     x = torch.randn(3, 7, 16, dtype=torch.float64)
     ref, ref_dx, ref_grads = _run(model, x)
     report = groupmoe.patch(model)
     assert report.patched == ["block"], str(report)
+    seen = spy_check_ids(monkeypatch, modulelist)
     out, dx, grads = _run(model, x)
+    assert seen == [False]  # topk ids: no range check, no device sync
     assert type(out) is type(ref)  # the model's return contract
     if isinstance(ref, tuple):
         assert rel_err(out[0], ref[0]) < 1e-12 and torch.equal(out[1], ref[1])
@@ -156,8 +159,6 @@ def test_modulelist_skips_lora_and_falls_back_at_runtime():
 def test_weight_stacks_are_rebuilt_not_kept(monkeypatch):
     """The per-call weight stacks are made again in backward instead of living on the tape,
     and gradients still reach every expert's own Linear."""
-    from groupmoe.integrations import modulelist
-
     calls = {"gate_up": 0, "down": 0}
     orig = modulelist._stacks
 
@@ -207,8 +208,6 @@ def _lora_run(model, x, seed=3):
 @pytest.mark.parametrize("name", list(BLOCKS))
 @pytest.mark.parametrize("targets", ["all", "up", "gate_down"])
 def test_peft_lora_on_expert_linears_runs_grouped(name, targets, monkeypatch):
-    from groupmoe.integrations import modulelist
-
     names = ("w1", "w3", "w2") if name.startswith("mixtral") else \
         ("gate_proj", "up_proj", "down_proj")
     pick = {"all": names, "up": names[1:2], "gate_down": names[0::2]}[targets]
@@ -229,8 +228,6 @@ def test_peft_lora_on_expert_linears_runs_grouped(name, targets, monkeypatch):
 
 
 def _fallback(model, x, caplog, monkeypatch):
-    from groupmoe.integrations import modulelist
-
     monkeypatch.setattr(modulelist, "_warned", set())
     with caplog.at_level("WARNING", logger="groupmoe"):
         out = _lora_run(model, x)

@@ -8,7 +8,8 @@ import torch
 
 import groupmoe
 from bnb4 import quantize_expert_linears
-from moe_cases import rel_err
+from groupmoe.quant import experts as qexperts
+from moe_cases import rel_err, spy_check_ids
 from test_modulelist import (
     MixtralSparseMoeBlock,
     Model,
@@ -42,11 +43,9 @@ def _model(name, dtype, nested=False, seed=0, **kw):
 
 
 def _spy(monkeypatch):
-    from groupmoe.quant import experts
-
     calls = []
-    real = experts.chunked_expert_mlp
-    monkeypatch.setattr(experts, "chunked_expert_mlp",
+    real = qexperts.chunked_expert_mlp
+    monkeypatch.setattr(qexperts, "chunked_expert_mlp",
                         lambda *a, **k: calls.append(a[-4]) or real(*a, **k))
     return calls  # the LoRA argument of each grouped call
 
@@ -78,8 +77,9 @@ def test_4bit_experts_match_loop(name, nested, dtype, monkeypatch):
     assert report.patched == ["block"] and not report.skipped, str(report)
     assert "NF4" in report.quantized["block"]
     assert ("double-quantized" in report.quantized["block"]) == nested
+    seen = spy_check_ids(monkeypatch, qexperts)
     _compare(_run(model, x), ref, TOL[dtype])
-    assert calls == [None]
+    assert calls == [None] and seen == [False]  # topk ids: no range check
     groupmoe.unpatch(model)
     again = _run(model, x)  # the experts (now views of the stack) still run bitsandbytes' loop
     assert torch.equal(again[0][0], ref[0][0]) and torch.equal(again[1], ref[1])

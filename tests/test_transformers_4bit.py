@@ -116,14 +116,15 @@ def test_qlora_matches_dequantized_reference_fp32(name, form, nested, monkeypatc
     calls = []
     orig = QuantizedGroupedExperts.forward
     monkeypatch.setattr(QuantizedGroupedExperts, "forward",
-                        lambda self, *a, lora=None: calls.append(lora) or orig(self, *a,
-                                                                              lora=lora))
+                        lambda self, *a, lora=None, **k: calls.append((lora, k)) or
+                        orig(self, *a, lora=lora, **k))
     ids = tokens()
     ref_logits, ref_loss, ref_grads = step(ref, ids)
     logits, loss, grads = step(qmodel, ids)
     ref_grads, grads = _canonical(ref, ref_grads), _canonical(qmodel, grads)
     assert len(calls) == len(report.patched)
-    assert all((c is not None) == bool(targets) for c in calls)  # LoRA on experts, grouped
+    assert all((c is not None) == bool(targets) for c, _ in calls)  # LoRA on experts, grouped
+    assert all(k == {"check_ids": False} for _, k in calls)  # topk ids: no range check
     assert rel_err(logits, ref_logits) < 1e-5
     assert abs(loss - ref_loss) < 1e-5
     assert grads.keys() == ref_grads.keys()

@@ -152,7 +152,8 @@ def quantized_forward(module: nn.Module, stacks: tuple[NF4Tensor, NF4Tensor], ac
         stacks[0], stacks[1], activation=act, gate_up_bias=b1, down_bias=b2,
         layout="in_out" if module.is_transposed else "out_in",
         compute_dtype=x.dtype)
-    return experts(x, top_k_index, top_k_weights, lora=lora)
+    # topk indices of the model's router: in range, no range check (as the unquantized path)
+    return experts(x, top_k_index, top_k_weights, lora=lora, check_ids=False)
 
 
 @dataclass

@@ -121,17 +121,19 @@ class QuantizedGroupedExperts(nn.Module):
         return max(1, self.dequant_chunk_bytes // size)
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor, gate_weights: torch.Tensor,
-                lora: ExpertLoRA | None = None) -> torch.Tensor:
+                lora: ExpertLoRA | None = None, *, check_ids: bool = True) -> torch.Tensor:
         """``x [T, H]``, ``expert_ids [T, k]``, ``gate_weights [T, k]`` -> ``[T, H]``.
 
         ``lora`` overrides the module's own adapters (e.g. factors read from peft).
+        ``check_ids=False`` skips the ids' range check and its device sync, for ids in range by
+        construction (a router's ``topk``), as :meth:`groupmoe.nn.GroupedExperts.forward`.
         """
         check(x.dtype == self.compute_dtype,
               f"QuantizedGroupedExperts: x is {x.dtype}, compute dtype is {self.compute_dtype}")
         check(x.dim() == 2 and x.shape[1] == self.hidden_size,
               f"QuantizedGroupedExperts: x must be [tokens, {self.hidden_size}], got "
               f"{tuple(x.shape)}")
-        routing = build_routing(expert_ids, self.num_experts)
+        routing = build_routing(expert_ids, self.num_experts, check_ids=check_ids)
         if lora is None and self.lora is not None:
             lora = self.lora.factors()
         b1 = None if self.gate_up_bias is None else self.gate_up_bias.to(x.dtype)
