@@ -18,8 +18,9 @@ Recognised 4-bit stack storage, wrapped as :class:`~groupmoe.quant.NF4Tensor` wi
 Only NF4 runs grouped (plain or double-quantized absmax); bitsandbytes' FP4 stacks are
 reported and keep the model's forward. peft LoRA on quantized stacks runs grouped only through
 :func:`groupmoe.patch`: peft 0.21 itself cannot apply ``target_parameters`` LoRA to a
-parametrized 4-bit stack (its ``ParamWrapper`` fails on the ``uint8`` original), so the patch
-lets the wrapper hand the call straight to the experts module, which reads the adapters.
+parametrized 4-bit stack (its ``ParamWrapper`` fails on the ``uint8`` original); the patch
+lets the wrapper hand the call straight to the experts module, which reads the adapters
+(:func:`groupmoe.integrations.transformers.patch` does so for every stack).
 """
 
 from __future__ import annotations
@@ -248,19 +249,3 @@ def expert_lora_targets(model: nn.Module, names: tuple[str, ...] = STACKS) -> li
     ``peft.LoraConfig(target_parameters=...)``. peft matches parametrized (4-bit) stacks only by
     their full path, so suffixes like ``"mlp.experts.gate_up_proj"`` miss them."""
     return [f"{name}.{s}" for name, _ in _experts_modules(model) for s in names]
-
-
-def peft_wrapper_forward(wrapper: nn.Module):
-    """A forward for peft's outermost ``ParamWrapper`` over 4-bit experts that groupmoe runs:
-    it calls the experts module directly (which reads the adapters off the wrapper) instead of
-    peft's parametrization of the stack, which peft cannot apply to a 4-bit stack."""
-    from ..lora.peft import unwrap_param_wrappers
-    from .transformers import IMPL_NAME
-
-    def forward(x, *args, **kwargs):
-        base, _ = unwrap_param_wrappers(wrapper)
-        if base.config._experts_implementation == IMPL_NAME:
-            return base(x, *args, **kwargs)
-        return type(wrapper).forward(wrapper, x, *args, **kwargs)
-
-    return forward

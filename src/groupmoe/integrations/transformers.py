@@ -30,7 +30,6 @@ from ..ops.routing import build_routing
 from .quantized import (
     base_class_name,
     describe,
-    peft_wrapper_forward,
     quantized_forward,
     quantized_stacks,
 )
@@ -195,12 +194,14 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
     w1, w2 = _weights(module, "gate_up_proj"), _weights(module, "down_proj")
     b1 = _raw(module, "gate_up_proj_bias") if module.has_bias else None
     b2 = _raw(module, "down_proj_bias") if module.has_bias else None
-    if wrapper is not None and nn.utils.parametrize.is_parametrized(module):
+    if wrapper is not None:  # peft's adapters on the stacks, read off its ParamWrapper
         from ..lora.experts import expert_mlp_lora
         from ..lora.peft import lora_from_peft_param_wrapper
 
         lora = lora_from_peft_param_wrapper(wrapper)
-        return expert_mlp_lora(hidden_states, routing, top_k_weights, w1, w2, lora, b1, b2, act)
+        if lora is not None:
+            return expert_mlp_lora(hidden_states, routing, top_k_weights, w1, w2, lora, b1, b2,
+                                   act)
     return expert_mlp(hidden_states, routing, top_k_weights, w1, w2, b1, b2, act)
 
 
@@ -241,8 +242,32 @@ def _link_peft_wrappers(model: nn.Module) -> None:
             base, _ = unwrap_param_wrappers(module)
             if _peft_wrapper(base) is None:
                 base._groupmoe_peft_wrapper = weakref.ref(module)
-                if quantized_stacks(base) is not None:  # peft cannot parametrize 4-bit stacks
-                    module.forward = peft_wrapper_forward(module)
+                module.forward = _peft_wrapper_forward(module)
+
+
+def _peft_wrapper_forward(wrapper: nn.Module):
+    """A forward for peft's outermost ``ParamWrapper`` over experts that groupmoe runs: it calls
+    the experts module directly, which reads the adapters off the wrapper, instead of peft's
+    parametrization of the stack (``W + BA`` set on the parameter per call, which torch.compile
+    cannot trace and peft cannot apply to a 4-bit stack). Where groupmoe falls back to the
+    model's forward, dense stacks take peft's own path (4-bit ones fail clearly there)."""
+    from ..lora.peft import unwrap_param_wrappers
+
+    def forward(x, *args, **kwargs):
+        base, _ = unwrap_param_wrappers(wrapper)
+        if base.config._experts_implementation == IMPL_NAME and (
+                quantized_stacks(base) is not None or _runs_grouped(base, x)):
+            return base(x, *args, **kwargs)
+        return type(wrapper).forward(wrapper, x, *args, **kwargs)
+
+    return forward
+
+
+def _runs_grouped(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether :func:`experts_forward` runs a patched ``module`` on ``x`` grouped (its static
+    checks passed at :func:`patch`, which prepared its activation)."""
+    prepared = getattr(module, "_groupmoe_act", None) is not None
+    return prepared and _runtime_reason(module, x, None) is None
 
 
 def patch(model: nn.Module) -> PatchReport:
