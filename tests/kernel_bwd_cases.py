@@ -155,8 +155,9 @@ def case_wgrad(t, kdim, ndim, e, k, load, dtype, layout="in_out", a_index=True,
     if layout == "transposed":
         w = torch.empty(e, ndim, kdim, dtype=dtype, device=device).transpose(-1, -2)
     ti = r.token_index
-    out = grouped_wgrad(w, a.to(device, dtype), ti if a_index else None, dy.to(device, dtype),
-                        ti if dy_index else None, r.offsets, config=config)
+    out = grouped_wgrad(a.to(device, dtype), ti if a_index else None, dy.to(device, dtype),
+                        ti if dy_index else None, r.offsets, transposed=layout == "transposed",
+                        config=config)
     assert out.dtype == dtype and out.shape == w.shape and out.stride() == w.stride(), \
         (out.stride(), w.stride())
     aa = a[ti.cpu()] if a_index else a

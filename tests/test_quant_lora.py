@@ -425,10 +425,14 @@ def test_chunked_without_lora_or_grads():
 
 
 @pytest.mark.parametrize("dequant", ["chunked", "recompute"])
-def test_chunked_never_allocates_a_whole_stack(dequant):
+def test_chunked_never_allocates_a_whole_stack(dequant, monkeypatch):
     """Every float tensor made during a training step (forward and backward) is at most two
-    experts' gate_up weights with a two-expert budget; the whole-stack path makes a full one."""
+    experts' gate_up weights with a two-expert budget; the whole-stack path makes a full one.
+    A dispatch mode sees the ops outside the custom ops, a spy on the NF4 weight source the
+    dequantized weights inside the chunked ones."""
     from torch.utils._python_dispatch import TorchDispatchMode
+
+    from groupmoe.lora import chunked
 
     e, h, i, t, k = 8, 64, 32, 16, 2
     per_expert = 2 * i * h
@@ -440,6 +444,14 @@ def test_chunked_never_allocates_a_whole_stack(dequant):
     ids = torch.stack([torch.randperm(e)[:k] for _ in range(t)])
     gates = torch.rand(t, k, requires_grad=True)
     biggest = [0]
+    nf4_source = chunked._SOURCES["nf4"]
+
+    def spy(*args):
+        w = nf4_source(*args)
+        biggest[0] = max(biggest[0], w.numel())
+        return w
+
+    monkeypatch.setitem(chunked._SOURCES, "nf4", spy)
 
     class Largest(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -459,16 +471,19 @@ def test_chunked_never_allocates_a_whole_stack(dequant):
 
 
 def test_chunked_saves_only_x_h_and_rank_r_intermediates():
-    """What the step keeps for backward: x, the sorted router weights, h [rows, 2I], x A and
-    a A [rows, r] (and the small LoRA factors); no permuted copy of x, no dense weights."""
+    """What the step keeps for backward (all through save_for_backward): x, the sorted router
+    weights, h [rows, 2I], x A and a A [rows, r], the small LoRA factors, the routing's
+    indices and the NF4 stacks themselves; no permuted copy of x, no dense weights."""
     wg, wd, _, _, x, ids, gates, lora = _chunked_case("swiglu", False, "out_in", r=2)
     mod = QuantizedGroupedExperts(quantize_nf4(wg), quantize_nf4(wd), compute_dtype=torch.float32,
                                   dequant_chunk_bytes=3 * 40 * 24 * 4)
     out = mod(x, ids, gates, lora=lora)
     node = out.grad_fn
     rows, r = ids.numel(), 2
-    kept = [t for t in node.saved_tensors if t is not None]
-    kept += [t for t in node.hs + node.us + node.vs if t is not None]
+    nf4 = {id(t) for q in (mod.gate_up_q, mod.down_q) for t in (q.packed, q.absmax)}
+    kept = [t for t in node.saved_tensors if t is not None and t.is_floating_point()
+            and id(t) not in nf4]
+    assert sum(id(t) in nf4 for t in node.saved_tensors) == 4
     factors = sum(t.numel() for t in (lora.gate_up.a, lora.gate_up.b, lora.down.a, lora.down.b))
     assert sum(t.numel() for t in kept) == (x.numel() + rows + rows * 40 + 2 * rows * r
                                             + factors)

@@ -148,16 +148,20 @@ def test_static_checks_cover_every_expert(case):
 @pytest.mark.parametrize("save", ["h", "none"])
 def test_expert_mlp_keeps_no_down_output_or_permuted_input(save):
     """What the expert MLP node keeps for backward: x (the caller's tensor), the sorted router
-    weights, the weights and biases, and h [rows, 2I] only with save="h". The down output
+    weights, the weights and biases, h [rows, 2I] only with save="h", and the routing's index
+    tensors, all through save_for_backward (so saved-tensor hooks see them). The down output
     (seed 004: kept only to form the gate gradient) and a permuted copy of x are not kept."""
     from groupmoe.ops import build_routing, expert_mlp
     from moe_cases import make_case
 
     case = make_case(20, 16, 8, 4, 2, torch.float64, bias=True)
-    out = expert_mlp(case.x, build_routing(case.ids, 4), case.gates, case.w1, case.w2,
-                     case.b1, case.b2, save=save)
+    routing = build_routing(case.ids, 4)
+    out = expert_mlp(case.x, routing, case.gates, case.w1, case.w2, case.b1, case.b2, save=save)
     node = out.grad_fn
-    kept = [t for t in (*node.saved_tensors, node.h) if t is not None]
+    saved = [t for t in node.saved_tensors if t is not None]
+    kept = [t for t in saved if t.is_floating_point()]
+    assert sorted(id(t) for t in saved if not t.is_floating_point()) == \
+        sorted(id(t) for t in routing.tensors())
     rows = case.ids.numel()
     weights = sum(t.numel() for t in (case.w1, case.w2, case.b1, case.b2))
     assert sum(t.numel() for t in kept) == case.x.numel() + rows + weights + \

@@ -68,7 +68,7 @@ def bench_shape(name: str, tokens: int, bench, dev: str = "cuda", shrink: int = 
     from ..kernels.grouped_bwd import down_dx_act, grouped_wgrad
     from ..ops import build_routing, expert_mlp, gather_sum, get_activation, grouped_mm
     from ..ops.activations import scaled_backward
-    from ..ops.grouped_gemm import grouped_wgrad_like
+    from ..ops.grouped_gemm import grouped_wgrad_in_layout
 
     h_dim, inter, e, k, act_name, biases = SHAPES[name]
     h_dim, inter, dt = h_dim // shrink, inter // shrink, torch.bfloat16
@@ -162,13 +162,14 @@ def bench_shape(name: str, tokens: int, bench, dev: str = "cuda", shrink: int = 
                                 True),
         compare=lambda got, ref: (got[0], ref[0]))
     dh = torch_dx_act()[0]
-    for label, w in (("", w1), (", W^T layout", w1t)):
+    for label, tr in (("", False), (", W^T layout", True)):
         row(f"bwd: dW gate_up (gather x){label}", gemm1,
-            lambda w=w: grouped_wgrad_like(w, x.index_select(0, ti), dh, offs),
-            lambda w=w: grouped_wgrad(w, x, ti, dh, None, offs), tuned=grouped_bwd._wgrad_tuned)
+            lambda tr=tr: grouped_wgrad_in_layout(x.index_select(0, ti), dh, offs, tr),
+            lambda tr=tr: grouped_wgrad(x, ti, dh, None, offs, transposed=tr),
+            tuned=grouped_bwd._wgrad_tuned)
     row("bwd: dW down (gather dy)", gemm2,
-        lambda: grouped_wgrad_like(w2, a_scaled, dout.index_select(0, ti), offs),
-        lambda: grouped_wgrad(w2, a_scaled, None, dout, ti, offs),
+        lambda: grouped_wgrad_in_layout(a_scaled, dout.index_select(0, ti), offs, False),
+        lambda: grouped_wgrad(a_scaled, None, dout, ti, offs),
         tuned=grouped_bwd._wgrad_tuned)
     row("bwd: dX gate_up + combine", gemm1,
         lambda: gather_sum(grouped_mm(dh, w1.transpose(-1, -2), offs), r, dt),

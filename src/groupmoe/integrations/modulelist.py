@@ -8,8 +8,9 @@ peft LoRA on the experts' Linears (``LoraConfig(target_modules=["gate_proj", ...
 grouped too: each projection's per-expert ``lora_A``/``lora_B`` are stacked the same way and
 applied by :func:`groupmoe.lora.expert_mlp_lora`, gate and up side by side.
 
-The stacks are built from the per-expert ``nn.Linear`` weights on every call (``torch.stack``,
-so gradients reach each expert) and are not kept for backward: they are rebuilt there.
+The experts' ``nn.Linear`` weights go to the ops as lists (:mod:`groupmoe.ops.stacks`): stacked
+inside the op on every call (gradients reach each expert's weight) and never kept stacked for
+backward, which stacks them again; under torch.compile too.
 Experts that are bitsandbytes ``Linear4bit`` (QLoRA) run as cached NF4 stacks on the chunked
 dequantize path instead (:mod:`groupmoe.integrations.modulelist_4bit`).
 """
@@ -27,7 +28,6 @@ from ..lora.experts import ExpertLoRA, concat_outputs, expert_mlp_lora
 from ..lora.peft import lora_factors_from_linears
 from ..ops.activations import SwiGLU
 from ..ops.experts import expert_mlp
-from ..ops.recompute import recompute_saved
 from ..ops.routing import build_routing
 from ..quant.experts import QuantizedGroupedExperts
 from . import modulelist_4bit as q4
@@ -143,16 +143,12 @@ def _returns_router_logits(block: nn.Module) -> bool:
         block.train(was_training)
 
 
-def _stacks(block: nn.Module):
-    projs = [tuple(map(_base, p)) for p in _projections(block)]
-
-    def gate_up():  # [E, 2I, H], gate rows first
-        return torch.stack([torch.cat([g.weight, u.weight]) for g, u, _ in projs])
-
-    def down():  # [E, H, I]
-        return torch.stack([d.weight for _, _, d in projs])
-
-    return gate_up, down
+def _weight_pieces(lins: list[list[nn.Module]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The experts' weights as the ops' per-expert lists: ``[gate_0, up_0, gate_1, ...]`` and
+    ``[down_0, down_1, ...]`` (``nn.Linear`` layout)."""
+    gates, ups, downs = lins
+    gate_up = [w for g, u in zip(gates, ups) for w in (g.weight, u.weight)]
+    return gate_up, [d.weight for d in downs]
 
 
 def grouped_block_forward(self: nn.Module, hidden_states: torch.Tensor):
@@ -185,7 +181,7 @@ def grouped_block_forward(self: nn.Module, hidden_states: torch.Tensor):
         experts = QuantizedGroupedExperts(gate_up, down, SwiGLU(), compute_dtype=x.dtype)
         out = experts(x, ids, weights, lora=lora, check_ids=False)
     else:
-        out = _dense_experts(self, x, ids, weights, lora)
+        out = _dense_experts(lins, x, ids, weights, lora)
     if getattr(self, "shared_expert", None) is not None:
         shared = self.shared_expert(x)
         if getattr(self, "shared_expert_gate", None) is not None:
@@ -195,20 +191,14 @@ def grouped_block_forward(self: nn.Module, hidden_states: torch.Tensor):
     return (out, router_logits) if self._groupmoe_returns_logits else out
 
 
-def _dense_experts(block: nn.Module, x: torch.Tensor, ids: torch.Tensor,
+def _dense_experts(lins: list[list[nn.Module]], x: torch.Tensor, ids: torch.Tensor,
                    weights: torch.Tensor, lora: ExpertLoRA | None) -> torch.Tensor:
-    """The routed experts on stacks of the experts' float weights."""
-    make_gate_up, make_down = _stacks(block)
-    w1, w2 = make_gate_up(), make_down()
-    routing = build_routing(ids, len(block.experts), check_ids=False)
-    with recompute_saved([(w1, make_gate_up), (w2, make_down)]):
-        if lora is None:
-            out = expert_mlp(x, routing, weights, w1.transpose(-1, -2), w2.transpose(-1, -2),
-                             activation=SwiGLU())
-        else:
-            out = expert_mlp_lora(x, routing, weights, w1.transpose(-1, -2),
-                                  w2.transpose(-1, -2), lora, activation=SwiGLU())
-    return out
+    """The routed experts on the experts' float weights (stacked inside the ops)."""
+    w1, w2 = _weight_pieces(lins)
+    routing = build_routing(ids, len(w2), check_ids=False)
+    if lora is None:
+        return expert_mlp(x, routing, weights, w1, w2, activation=SwiGLU())
+    return expert_mlp_lora(x, routing, weights, w1, w2, lora, activation=SwiGLU())
 
 
 def patch_modulelist_blocks(model: nn.Module, report) -> None:

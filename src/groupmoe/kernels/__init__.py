@@ -7,15 +7,17 @@ paths in :mod:`groupmoe.ops` are the reference and the CPU implementation.
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import os
 
+# looked up once at import: a plain module constant, which torch.compile reads without a
+# graph break (it cannot trace a functools.cache lookup)
+_TRITON = importlib.util.find_spec("triton") is not None
 
-@functools.cache
+
 def triton_available() -> bool:
     """Whether Triton can be imported (not whether a GPU is present)."""
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON
 
 
 def interpreting() -> bool:

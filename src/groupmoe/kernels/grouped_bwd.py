@@ -244,26 +244,26 @@ _wgrad_tuned = triton.autotune(configs=_wgrad_configs(),
 
 
 def grouped_wgrad(
-    w: torch.Tensor, a: torch.Tensor, a_index: torch.Tensor | None, dy: torch.Tensor,
-    dy_index: torch.Tensor | None, offsets: torch.Tensor, config: dict | None = None,
+    a: torch.Tensor, a_index: torch.Tensor | None, dy: torch.Tensor,
+    dy_index: torch.Tensor | None, offsets: torch.Tensor, *, transposed: bool = False,
+    config: dict | None = None,
 ) -> torch.Tensor:
-    """``dW[e] = A_e^T dY_e`` for the weight ``w [E, K, N]``, in ``w``'s layout and dtype.
+    """``dW[e] = A_e^T dY_e``, ``[E, K, N]`` in ``a``'s dtype (``E = offsets.numel()``).
 
     Row ``r`` of the expert-sorted problem reads ``a[a_index[r]]`` (``a[r]`` without an index)
-    and ``dy[dy_index[r]]``; ``offsets`` are the int32 group ends. When ``w`` is a transposed
-    view of a contiguous ``[E, N, K]`` parameter the result is such a view too, so autograd
-    accumulates it without a strided copy.
+    and ``dy[dy_index[r]]``; ``offsets`` are the int32 group ends. With ``transposed`` (the
+    weight is the ``[E, K, N]`` view of a contiguous ``[E, N, K]`` parameter) the result is
+    such a view too, so autograd accumulates it without a strided copy.
     """
-    check(w.dim() == 3 and a.dim() == 2 and dy.dim() == 2 and a.shape[1] == w.shape[1]
-          and dy.shape[1] == w.shape[2],
-          f"grouped_wgrad: want a [M, {w.shape[1]}] and dy [M, {w.shape[2]}] for w "
-          f"{tuple(w.shape)}, got {tuple(a.shape)} and {tuple(dy.shape)}")
+    check(a.dim() == 2 and dy.dim() == 2,
+          f"grouped_wgrad: want a [M, K] and dy [M, N], got {tuple(a.shape)} and "
+          f"{tuple(dy.shape)}")
     check(a.dtype == dy.dtype, f"grouped_wgrad: a and dy dtypes differ: {a.dtype}, {dy.dtype}")
-    e, k, n = w.shape
-    if w.stride(-2) == 1 and w.stride(-1) != 1:  # nn.Linear-layout stack seen as [E, in, out]
-        out = torch.empty(e, n, k, dtype=w.dtype, device=w.device).transpose(-1, -2)
+    e, k, n = offsets.numel(), a.shape[1], dy.shape[1]
+    if transposed:
+        out = torch.empty(e, n, k, dtype=a.dtype, device=a.device).transpose(-1, -2)
     else:
-        out = torch.empty(e, k, n, dtype=w.dtype, device=w.device)
+        out = torch.empty(e, k, n, dtype=a.dtype, device=a.device)
     if out.numel() == 0:
         return out
     args = (a, a_index if a_index is not None else offsets, dy,

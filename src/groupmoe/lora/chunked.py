@@ -1,5 +1,5 @@
 """Routed expert MLP on frozen base weights that are built a range of experts at a time
-(dequantized NF4), with optional grouped LoRA: one autograd node.
+(dequantized NF4), with optional grouped LoRA: one custom op forward, one backward.
 
 Rows are sorted by expert, so a range of experts ``[e0, e1)`` owns a contiguous range of rows.
 Forward and backward walk the ranges ("chunks"): build the chunk's base weights, run its grouped
@@ -10,26 +10,68 @@ output ``h`` (``save="h"``; ``"none"`` recomputes it) and the rank-``r`` LoRA in
 ``x A`` and ``a A`` (``[rows, r]``). Memory beyond that is one chunk's weights and activations,
 plus the ``[rows, H]`` down output (forward) and input gradient (backward) that the
 deterministic combine needs whole.
+
+The base weights come from a :class:`ChunkedWeights`: the name of a registered weight source
+(:func:`register_weight_source`; groupmoe.quant registers ``"nf4"``), its tensors and integer
+metadata, so the ops take tensors and numbers only and torch.compile sees two opaque nodes. The
+chunk plan reads the group ends back once per call (inside the ops).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..ops.activations import Activation, scaled_backward, scaled_forward
+from ..ops.activations import Activation, activation_from_spec, scaled_backward, scaled_forward
 from ..ops.checks import check
 from ..ops.dtypes import accum_dtype
 from ..ops.experts import SaveMode, _gather_sum, bias_prob_grads_rows
 from ..ops.grouped_gemm import grouped_mm, grouped_mm_wgrad, segment_sum
+from ..ops.library import absent, custom_op
 from ..ops.routing import Routing
 from .experts import ExpertLoRA
 
-# (which, e0, e1) -> frozen weights of experts [e0, e1) in [n, in, out] layout, compute dtype;
-# which is "gate_up" or "down".
-WeightMaker = Callable[[str, int, int], torch.Tensor]
+Tensor = torch.Tensor
+# (tensors, meta, e0, e1, dtype) -> frozen weights of experts [e0, e1), [n, in, out]
+WeightSource = Callable[[Sequence[Tensor], Sequence[int], int, int, torch.dtype], Tensor]
+_SOURCES: dict[str, WeightSource] = {}
+
+
+def register_weight_source(name: str, build: WeightSource) -> None:
+    """Make ``build(tensors, meta, e0, e1, dtype)`` available to :class:`ChunkedWeights` as
+    ``source=name``."""
+    _SOURCES[name] = build
+
+
+def _dense_source(tensors, meta, e0, e1, dtype):
+    return tensors[0][e0:e1].to(dtype)
+
+
+register_weight_source("dense", _dense_source)
+
+
+@dataclass(frozen=True)
+class ChunkedWeights:
+    """One frozen stack for the chunked op: ``source`` (registered name), its ``tensors`` and
+    integer ``meta``; ``shape`` is the ``[E, in, out]`` shape it builds. ``"dense"`` takes one
+    ``[E, in, out]`` tensor (any strides) and slices it."""
+
+    source: str
+    tensors: tuple[Tensor, ...]
+    meta: tuple[int, ...]
+    shape: tuple[int, int, int]
+
+    @classmethod
+    def dense(cls, w: Tensor) -> ChunkedWeights:
+        return cls("dense", (w,), (), tuple(w.shape))
+
+    def experts(self, e0: int, e1: int, dtype: torch.dtype) -> Tensor:
+        """The weights of experts ``[e0, e1)``, ``[n, in, out]`` in ``dtype``."""
+        check(self.source in _SOURCES, f"chunked experts: unknown weight source "
+              f"{self.source!r}; registered: {sorted(_SOURCES)}")
+        return _SOURCES[self.source](self.tensors, self.meta, e0, e1, dtype)
 
 
 @dataclass(frozen=True)
@@ -40,14 +82,14 @@ class Chunk:
     e1: int
     r0: int
     r1: int
-    offs: torch.Tensor
+    offs: Tensor
 
 
 def plan_chunks(routing: Routing, experts_per_chunk: int) -> list[Chunk]:
     """Split the experts into ranges of at most ``experts_per_chunk`` (balanced), skipping
     ranges without rows. One host sync (the group ends)."""
     check(experts_per_chunk >= 1,
-          f"plan_chunks: experts_per_chunk must be >= 1, got {experts_per_chunk}")
+          lambda: f"plan_chunks: experts_per_chunk must be >= 1, got {experts_per_chunk}")
     e = routing.num_experts
     n = -(-e // experts_per_chunk)
     per = -(-e // n) if n else 0
@@ -65,13 +107,16 @@ def plan_chunks(routing: Routing, experts_per_chunk: int) -> list[Chunk]:
 class _Plan:
     routing: Routing
     chunks: list[Chunk]
-    make: WeightMaker
+    weights: tuple[ChunkedWeights, ChunkedWeights]
+    dtype: torch.dtype
     act: Activation
-    save: SaveMode
     scales: tuple[float, float]
 
+    def make(self, which: int, c: Chunk) -> Tensor:
+        return self.weights[which].experts(c.e0, c.e1, self.dtype)
 
-def _factor(t: torch.Tensor | None, c: Chunk, dtype: torch.dtype) -> torch.Tensor | None:
+
+def _factor(t: Tensor | None, c: Chunk, dtype: torch.dtype) -> Tensor | None:
     # small (rank r): the dense layout grouped_mm accepts (peft's factors are permuted views)
     return None if t is None else t[c.e0:c.e1].to(dtype).contiguous()
 
@@ -88,164 +133,236 @@ def _gate_up(plan: _Plan, c: Chunk, xs, w1, b1, a1, lb1):
     return h, u
 
 
-class ChunkedExpertFunction(torch.autograd.Function):
-    """See the module docstring. Inputs: ``x, gate_weights`` and the optional frozen-base biases
-    and LoRA factors (``a1 [E, H, r]``, ``lb1 [E, r, 2I]``, ``a2 [E, I, r]``, ``lb2 [E, r, H]``),
-    all of which may require grad."""
+def _weights_of(tensors, meta, source, shape) -> ChunkedWeights:
+    return ChunkedWeights(source, tuple(tensors), tuple(meta), tuple(shape))
 
-    @staticmethod
-    def forward(ctx, x, gate_weights, b1, b2, a1, lb1, a2, lb2, plan: _Plan):
-        routing, act = plan.routing, plan.act
-        g = gate_weights.reshape(-1).index_select(0, routing.order)
-        y = x.new_empty(routing.num_rows, x.shape[1])
-        hs, us, vs = [], [], []
-        for c in plan.chunks:
-            g_c = g[c.r0:c.r1]
-            xs = x.index_select(0, routing.token_index[c.r0:c.r1])
-            h, u = _gate_up(plan, c, xs, plan.make("gate_up", c.e0, c.e1), b1, a1, lb1)
-            del xs
-            a = scaled_forward(act, h, g_c)
-            y_c = grouped_mm(a, plan.make("down", c.e0, c.e1), c.offs)
-            v = None
-            if a2 is not None:
-                v = grouped_mm(a, _factor(a2, c, x.dtype), c.offs)
-                y_c += grouped_mm(v, _factor(lb2, c, x.dtype), c.offs).mul_(plan.scales[1])
-            del a
-            if b2 is not None:
-                idx = routing.expert_index[c.r0:c.r1]
-                y_c += g_c.to(y_c.dtype).unsqueeze(1) * b2.index_select(0, idx)
-            y[c.r0:c.r1] = y_c
-            del y_c
-            hs.append(h if plan.save == "h" else None)
-            us.append(u)
-            vs.append(v)
-            del h
-        out = _gather_sum(y, routing, x.dtype)
-        ctx.plan, ctx.gate_dtype = plan, gate_weights.dtype
-        ctx.save_for_backward(x, g, b1, b2, a1, lb1, a2, lb2)
-        # intermediates (not inputs/outputs): held on ctx so backward frees them chunk by chunk
-        ctx.hs, ctx.us, ctx.vs = hs, us, vs
-        return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        x, g, b1, b2, a1, lb1, a2, lb2 = ctx.saved_tensors
-        plan = ctx.plan
-        routing, act = plan.routing, plan.act
-        s1, s2 = plan.scales
-        hs, us, vs = ctx.hs, ctx.us, ctx.vs
-        ctx.hs = ctx.us = ctx.vs = None
-        need = ctx.needs_input_grad
-        need_x, need_g, need_b1, need_b2 = need[0], need[1], need[2], need[3]
-        dt = x.dtype
-        dout = dout.contiguous()
-        dxs = x.new_empty(routing.num_rows, x.shape[1]) if need_x else None
-        dg = torch.zeros(routing.num_rows, dtype=accum_dtype(dt), device=x.device) \
-            if need_g else None
-        acc = accum_dtype(dt)
-        db1 = torch.zeros(b1.shape, dtype=acc, device=x.device) if need_b1 else None
-        db2 = torch.zeros(b2.shape, dtype=acc, device=x.device) if need_b2 else None
-        lora_grads = [torch.zeros(t.shape, dtype=dt, device=x.device) if t is not None and n
-                      else None for t, n in zip((a1, lb1, a2, lb2), need[4:8])]
-        da1, dlb1, da2, dlb2 = lora_grads
-        for i, c in enumerate(plan.chunks):
-            tok = routing.token_index[c.r0:c.r1]
-            idx = routing.expert_index[c.r0:c.r1] - c.e0
-            g_c = g[c.r0:c.r1]
-            dy = dout.index_select(0, tok)
-            da = grouped_mm(dy, plan.make("down", c.e0, c.e1).transpose(-1, -2), c.offs)
-            dv = None
-            if a2 is not None:
-                v, vs[i] = vs[i], None
-                if dlb2 is not None:
-                    dlb2[c.e0:c.e1] = grouped_mm_wgrad(v, dy, c.offs).mul_(s2)
-                del v
-                dv = grouped_mm(dy, _factor(lb2, c, dt).transpose(-1, -2), c.offs).mul_(s2)
-                da += grouped_mm(dv, _factor(a2, c, dt).transpose(-1, -2), c.offs)
-            if b2 is not None and (need_g or need_b2):
-                db2_c, dprob = bias_prob_grads_rows(dy, g_c, b2[c.e0:c.e1], c.offs, idx)
-                if need_b2:
-                    db2[c.e0:c.e1] = db2_c
-            del dy
-            h, hs[i] = hs[i], None
-            w1 = None
-            xs = None
-            if h is None:  # save="none": rebuild h (and keep this chunk's W1 for dX)
-                w1 = plan.make("gate_up", c.e0, c.e1)
-                xs = x.index_select(0, tok)
-                h, _ = _gate_up(plan, c, xs, w1, b1, None, None)
-                if a1 is not None:
-                    h += grouped_mm(us[i], _factor(lb1, c, dt), c.offs).mul_(s1)
-            dh, a_scaled, dg_c = scaled_backward(act, h, g_c, da, da2 is not None, need_g)
-            del h, da
-            if da2 is not None:
-                da2[c.e0:c.e1] = grouped_mm_wgrad(a_scaled, dv, c.offs)
-            del a_scaled, dv
-            if need_g:
-                dg[c.r0:c.r1] = dg_c + dprob if b2 is not None else dg_c
-            if need_b1:
-                db1[c.e0:c.e1] = segment_sum(dh, idx, c.e1 - c.e0, c.offs)
-            du = None
+def _plan(x, w1, w2, experts_per_chunk, routing, top_k, act, s1, s2) -> _Plan:
+    r = Routing.from_tensors(routing, top_k)
+    return _Plan(r, plan_chunks(r, experts_per_chunk), (w1, w2), x.dtype,
+                 activation_from_spec(act), (s1, s2))
+
+
+def _rank(t: Tensor | None) -> int:
+    return 0 if t is None else t.shape[-1]
+
+
+@custom_op("chunked_expert_mlp")
+def _chunked_forward_op(
+    x: Tensor, g: Tensor, w1_tensors: Sequence[Tensor], w1_meta: Sequence[int], w1_source: str,
+    w1_shape: Sequence[int], w2_tensors: Sequence[Tensor], w2_meta: Sequence[int],
+    w2_source: str, w2_shape: Sequence[int], experts_per_chunk: int, b1: Tensor | None,
+    b2: Tensor | None, a1: Tensor | None, lb1: Tensor | None, a2: Tensor | None,
+    lb2: Tensor | None, routing: Sequence[Tensor], top_k: int, act: str, save_h: bool,
+    s1: float, s2: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(out, h, x A1, a A2)`` (absent where not kept) of the chunked expert MLP."""
+    plan = _plan(x, _weights_of(w1_tensors, w1_meta, w1_source, w1_shape),
+                 _weights_of(w2_tensors, w2_meta, w2_source, w2_shape), experts_per_chunk,
+                 routing, top_k, act, s1, s2)
+    routing_, act_ = plan.routing, plan.act
+    n = routing_.num_rows
+    y = x.new_empty(n, x.shape[1])
+    h_all = x.new_empty(n, w1_shape[2]) if save_h else absent(x)
+    u_all = x.new_empty(n, _rank(a1)) if a1 is not None else absent(x)
+    v_all = x.new_empty(n, _rank(a2)) if a2 is not None else absent(x)
+    for c in plan.chunks:
+        g_c = g[c.r0:c.r1]
+        xs = x.index_select(0, routing_.token_index[c.r0:c.r1])
+        h, u = _gate_up(plan, c, xs, plan.make(0, c), b1, a1, lb1)
+        del xs
+        a = scaled_forward(act_, h, g_c)
+        y_c = grouped_mm(a, plan.make(1, c), c.offs)
+        if a2 is not None:
+            v = grouped_mm(a, _factor(a2, c, x.dtype), c.offs)
+            y_c += grouped_mm(v, _factor(lb2, c, x.dtype), c.offs).mul_(s2)
+            v_all[c.r0:c.r1] = v
+        del a
+        if b2 is not None:
+            idx = routing_.expert_index[c.r0:c.r1]
+            y_c += g_c.to(y_c.dtype).unsqueeze(1) * b2.index_select(0, idx)
+        y[c.r0:c.r1] = y_c
+        if save_h:
+            h_all[c.r0:c.r1] = h
+        if u is not None:
+            u_all[c.r0:c.r1] = u
+        del y_c, h, u
+    return _gather_sum(y, routing_, x.dtype), h_all, u_all, v_all
+
+
+@_chunked_forward_op.register_fake
+def _(x, g, w1_tensors, w1_meta, w1_source, w1_shape, w2_tensors, w2_meta, w2_source, w2_shape,
+      experts_per_chunk, b1, b2, a1, lb1, a2, lb2, routing, top_k, act, save_h, s1, s2):
+    n = routing[0].numel()
+    return (x.new_empty(x.shape), x.new_empty(n, w1_shape[2]) if save_h else absent(x),
+            x.new_empty(n, _rank(a1)) if a1 is not None else absent(x),
+            x.new_empty(n, _rank(a2)) if a2 is not None else absent(x))
+
+
+@custom_op("chunked_expert_mlp_backward")
+def _chunked_backward_op(
+    dout: Tensor, x: Tensor, g: Tensor, w1_tensors: Sequence[Tensor], w1_meta: Sequence[int],
+    w1_source: str, w1_shape: Sequence[int], w2_tensors: Sequence[Tensor],
+    w2_meta: Sequence[int], w2_source: str, w2_shape: Sequence[int], experts_per_chunk: int,
+    b1: Tensor | None, b2: Tensor | None, a1: Tensor | None, lb1: Tensor | None,
+    a2: Tensor | None, lb2: Tensor | None, h_all: Tensor | None, u_all: Tensor | None,
+    v_all: Tensor | None, routing: Sequence[Tensor], top_k: int, act: str, s1: float,
+    s2: float, needs: Sequence[bool],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of ``(x, g, b1, b2, a1, lb1, a2, lb2)`` (absent where not ``needs``)."""
+    plan = _plan(x, _weights_of(w1_tensors, w1_meta, w1_source, w1_shape),
+                 _weights_of(w2_tensors, w2_meta, w2_source, w2_shape), experts_per_chunk,
+                 routing, top_k, act, s1, s2)
+    routing_, act_ = plan.routing, plan.act
+    need_x, need_g, need_b1, need_b2 = needs[:4]
+    dt = x.dtype
+    acc = accum_dtype(dt)
+    dout = dout.contiguous()
+    dxs = x.new_empty(routing_.num_rows, x.shape[1]) if need_x else None
+    dg = torch.zeros(routing_.num_rows, dtype=acc, device=x.device) if need_g else None
+    db1 = torch.zeros(b1.shape, dtype=acc, device=x.device) if need_b1 else None
+    db2 = torch.zeros(b2.shape, dtype=acc, device=x.device) if need_b2 else None
+    lora_grads = [torch.zeros(t.shape, dtype=dt, device=x.device) if t is not None and n
+                  else None for t, n in zip((a1, lb1, a2, lb2), needs[4:8])]
+    da1, dlb1, da2, dlb2 = lora_grads
+    for c in plan.chunks:
+        tok = routing_.token_index[c.r0:c.r1]
+        idx = routing_.expert_index[c.r0:c.r1] - c.e0
+        g_c = g[c.r0:c.r1]
+        dy = dout.index_select(0, tok)
+        da = grouped_mm(dy, plan.make(1, c).transpose(-1, -2), c.offs)
+        dv = None
+        if a2 is not None:
+            if dlb2 is not None:
+                dlb2[c.e0:c.e1] = grouped_mm_wgrad(v_all[c.r0:c.r1], dy, c.offs).mul_(s2)
+            dv = grouped_mm(dy, _factor(lb2, c, dt).transpose(-1, -2), c.offs).mul_(s2)
+            da += grouped_mm(dv, _factor(a2, c, dt).transpose(-1, -2), c.offs)
+        if b2 is not None and (need_g or need_b2):
+            db2_c, dprob = bias_prob_grads_rows(dy, g_c, b2[c.e0:c.e1], c.offs, idx)
+            if need_b2:
+                db2[c.e0:c.e1] = db2_c
+        del dy
+        w1 = xs = None
+        if h_all is None:  # save="none": rebuild h (and keep this chunk's W1 for dX)
+            w1 = plan.make(0, c)
+            xs = x.index_select(0, tok)
+            h, _ = _gate_up(plan, c, xs, w1, b1, None, None)
             if a1 is not None:
-                u, us[i] = us[i], None
-                if dlb1 is not None:
-                    dlb1[c.e0:c.e1] = grouped_mm_wgrad(u, dh, c.offs).mul_(s1)
-                del u
-                du = grouped_mm(dh, _factor(lb1, c, dt).transpose(-1, -2), c.offs).mul_(s1)
-                if da1 is not None:
-                    xs = x.index_select(0, tok) if xs is None else xs
-                    da1[c.e0:c.e1] = grouped_mm_wgrad(xs, du, c.offs)
-            del xs
-            if need_x:
-                w1 = plan.make("gate_up", c.e0, c.e1) if w1 is None else w1
-                dxs_c = grouped_mm(dh, w1.transpose(-1, -2), c.offs)
-                if du is not None:
-                    dxs_c += grouped_mm(du, _factor(a1, c, dt).transpose(-1, -2), c.offs)
-                dxs[c.r0:c.r1] = dxs_c
-                del dxs_c
-            del w1, dh, du
-        dx = _gather_sum(dxs, routing, dt) if need_x else None
-        dgate = None
+                h += grouped_mm(u_all[c.r0:c.r1], _factor(lb1, c, dt), c.offs).mul_(s1)
+        else:
+            h = h_all[c.r0:c.r1]
+        dh, a_scaled, dg_c = scaled_backward(act_, h, g_c, da, da2 is not None, need_g)
+        del h, da
+        if da2 is not None:
+            da2[c.e0:c.e1] = grouped_mm_wgrad(a_scaled, dv, c.offs)
+        del a_scaled, dv
         if need_g:
-            dgate = torch.empty_like(dg).index_copy_(0, routing.order, dg)
-            dgate = dgate.view(routing.num_tokens, routing.top_k).to(ctx.gate_dtype)
-        grads = [None if t is None or d is None else d.to(t.dtype)
-                 for t, d in zip((b1, b2, a1, lb1, a2, lb2), (db1, db2, *lora_grads))]
-        return (dx, dgate, *grads, None)
+            dg[c.r0:c.r1] = dg_c + dprob if b2 is not None else dg_c
+        if need_b1:
+            db1[c.e0:c.e1] = segment_sum(dh, idx, c.e1 - c.e0, c.offs)
+        du = None
+        if a1 is not None:
+            if dlb1 is not None:
+                dlb1[c.e0:c.e1] = grouped_mm_wgrad(u_all[c.r0:c.r1], dh, c.offs).mul_(s1)
+            du = grouped_mm(dh, _factor(lb1, c, dt).transpose(-1, -2), c.offs).mul_(s1)
+            if da1 is not None:
+                xs = x.index_select(0, tok) if xs is None else xs
+                da1[c.e0:c.e1] = grouped_mm_wgrad(xs, du, c.offs)
+        del xs
+        if need_x:
+            w1 = plan.make(0, c) if w1 is None else w1
+            dxs_c = grouped_mm(dh, w1.transpose(-1, -2), c.offs)
+            if du is not None:
+                dxs_c += grouped_mm(du, _factor(a1, c, dt).transpose(-1, -2), c.offs)
+            dxs[c.r0:c.r1] = dxs_c
+            del dxs_c
+        del w1, dh, du
+    grads = [_gather_sum(dxs, routing_, dt) if need_x else None,
+             dg.to(g.dtype) if need_g else None]
+    grads += [None if t is None or d is None else d.to(t.dtype)
+              for t, d in zip((b1, b2, a1, lb1, a2, lb2), (db1, db2, *lora_grads))]
+    return tuple(absent(x) if d is None else d for d in grads)
+
+
+@_chunked_backward_op.register_fake
+def _(dout, x, g, w1_tensors, w1_meta, w1_source, w1_shape, w2_tensors, w2_meta, w2_source,
+      w2_shape, experts_per_chunk, b1, b2, a1, lb1, a2, lb2, h_all, u_all, v_all, routing,
+      top_k, act, s1, s2, needs):
+    like = (x, g, b1, b2, a1, lb1, a2, lb2)
+    return tuple(t.new_empty(t.shape) if t is not None and n else absent(x)
+                 for t, n in zip(like, needs))
+
+
+_OPTIONAL = ("b1", "b2", "a1", "lb1", "a2", "lb2")
+
+
+def _setup(ctx, inputs, output):
+    (x, g, w1t, w1m, w1s, w1shape, w2t, w2m, w2s, w2shape, per, b1, b2, a1, lb1, a2, lb2,
+     routing, top_k, act, save_h, s1, s2) = inputs
+    ctx.consts = (w1m, w1s, w1shape, w2m, w2s, w2shape, per, top_k, act, s1, s2)
+    ctx.n1, ctx.n2, ctx.save_h = len(w1t), len(w2t), save_h
+    _, h, u, v = output
+    ctx.save_for_backward(x, g, b1, b2, a1, lb1, a2, lb2, h if save_h else None,
+                          u if a1 is not None else None, v if a2 is not None else None,
+                          *routing, *w1t, *w2t)
+
+
+def _backward(ctx, dout, *_):
+    x, g, b1, b2, a1, lb1, a2, lb2, h, u, v, *rest = ctx.saved_tensors
+    routing, w1t, w2t = rest[:6], rest[6:6 + ctx.n1], rest[6 + ctx.n1:]
+    w1m, w1s, w1shape, w2m, w2s, w2shape, per, top_k, act, s1, s2 = ctx.consts
+    need = ctx.needs_input_grad
+    needs = [need[0], need[1], *need[11:17]]
+    grads = _chunked_backward_op(dout, x, g, w1t, w1m, w1s, w1shape, w2t, w2m, w2s, w2shape,
+                                 per, b1, b2, a1, lb1, a2, lb2, h, u, v, routing, top_k, act,
+                                 s1, s2, needs)
+    dx, dg, *opt = (d if n else None for d, n in zip(grads, needs))
+    return (dx, dg, [None] * ctx.n1, None, None, None, [None] * ctx.n2, None, None, None, None,
+            *opt, [None] * 6, None, None, None, None, None)
+
+
+_chunked_forward_op.register_autograd(_backward, setup_context=_setup)
 
 
 def chunked_expert_mlp(
-    x: torch.Tensor,
+    x: Tensor,
     routing: Routing,
-    gate_weights: torch.Tensor,
-    make_weights: WeightMaker,
+    gate_weights: Tensor,
+    w_gate_up: ChunkedWeights,
+    w_down: ChunkedWeights,
     experts_per_chunk: int,
     act: Activation,
     lora: ExpertLoRA | None = None,
-    b_gate_up: torch.Tensor | None = None,
-    b_down: torch.Tensor | None = None,
+    b_gate_up: Tensor | None = None,
+    b_down: Tensor | None = None,
     save: SaveMode = "h",
-) -> torch.Tensor:
+) -> Tensor:
     """Routed expert MLP (the contract of :func:`groupmoe.ops.expert_mlp`) on frozen base
-    weights built by ``make_weights(which, e0, e1)`` a range of ``experts_per_chunk`` experts
-    at a time, forward and backward, plus optional LoRA (gradients reach ``x``, the router
-    weights, the biases and the LoRA factors; never the base weights).
+    weights built ``experts_per_chunk`` experts at a time from ``w_gate_up``/``w_down``
+    (:class:`ChunkedWeights`, ``[E, in, out]``), forward and backward, plus optional LoRA
+    (gradients reach ``x``, the router weights, the biases and the LoRA factors; never the
+    base weights).
 
     ``save="h"`` keeps the gate_up output for backward; ``"none"`` recomputes it from the
     chunk's weights (which backward builds anyway for dX).
     """
     check(save in ("h", "none"), f"chunked_expert_mlp: save must be 'h' or 'none', got {save!r}")
-    check(x.dim() == 2, f"chunked_expert_mlp: x must be [tokens, hidden], got {tuple(x.shape)}")
+    check(x.dim() == 2,
+          lambda: f"chunked_expert_mlp: x must be [tokens, hidden], got {tuple(x.shape)}")
     t = x.shape[0]
     check(routing.num_tokens == t or routing.num_rows == 0,
-          f"chunked_expert_mlp: routing is for {routing.num_tokens} tokens, x has {t}")
+          lambda: f"chunked_expert_mlp: routing is for {routing.num_tokens} tokens, x has {t}")
     check(gate_weights.shape == (t, routing.top_k),
-          f"chunked_expert_mlp: router weights must be [{t}, {routing.top_k}], got "
+          lambda: f"chunked_expert_mlp: router weights must be [{t}, {routing.top_k}], got "
           f"{tuple(gate_weights.shape)}")
     lora = lora or ExpertLoRA()
     gu, dn = lora.gate_up, lora.down
-    plan = _Plan(routing, plan_chunks(routing, experts_per_chunk), make_weights, act, save,
-                 (gu.scale if gu else 1.0, dn.scale if dn else 1.0))
-    return ChunkedExpertFunction.apply(
-        x, gate_weights, b_gate_up, b_down, gu.a if gu else None, gu.b if gu else None,
-        dn.a if dn else None, dn.b if dn else None, plan)
+    g = gate_weights.reshape(-1).index_select(0, routing.order)
+    w1, w2 = w_gate_up, w_down
+    out, *_ = _chunked_forward_op(
+        x, g, list(w1.tensors), list(w1.meta), w1.source, list(w1.shape), list(w2.tensors),
+        list(w2.meta), w2.source, list(w2.shape), experts_per_chunk, b_gate_up, b_down,
+        gu.a if gu else None, gu.b if gu else None, dn.a if dn else None, dn.b if dn else None,
+        routing.tensors(), routing.top_k, act.spec, save == "h",
+        float(gu.scale if gu else 1.0), float(dn.scale if dn else 1.0))
+    return out

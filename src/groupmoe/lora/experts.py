@@ -13,11 +13,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..ops.activations import Activation, get_activation
+from ..ops.activations import Activation, gated_act, get_activation
 from ..ops.checks import check
 from ..ops.experts import check_expert_args, gather_sum
 from ..ops.grouped_linear import grouped_linear
 from ..ops.routing import Routing
+from ..ops.stacks import Stack, as_list, stack_shape
 
 
 @dataclass
@@ -38,11 +39,11 @@ class LoRAFactors:
     def check(self, num_experts: int, d_in: int, d_out: int, where: str) -> None:
         a, b = self.a, self.b
         check(a.dim() == 3 and b.dim() == 3 and a.shape[2] == b.shape[1],
-              f"{where}: LoRA factors must be a [E, in, r] and b [E, r, out], got "
+              lambda: f"{where}: LoRA factors must be a [E, in, r] and b [E, r, out], got "
               f"{tuple(a.shape)} and {tuple(b.shape)}")
         check(a.shape[:2] == (num_experts, d_in) and (b.shape[0], b.shape[2]) == (num_experts,
                                                                                  d_out),
-              f"{where}: LoRA factors must be [{num_experts}, {d_in}, r] and "
+              lambda: f"{where}: LoRA factors must be [{num_experts}, {d_in}, r] and "
               f"[{num_experts}, r, {d_out}], got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
@@ -86,7 +87,7 @@ class ExpertLoRA:
             self.down.check(num_experts, intermediate, hidden, f"{where} down")
 
 
-def _lora_linear(x: torch.Tensor, w: torch.Tensor, lora: LoRAFactors | None, offs: torch.Tensor,
+def _lora_linear(x: torch.Tensor, w: Stack, lora: LoRAFactors | None, offs: torch.Tensor,
                  bias: torch.Tensor | None = None, group_index: torch.Tensor | None = None):
     y = grouped_linear(x, w, offs, bias, group_index)
     if lora is not None:
@@ -96,27 +97,12 @@ def _lora_linear(x: torch.Tensor, w: torch.Tensor, lora: LoRAFactors | None, off
     return y
 
 
-class _ActFunction(torch.autograd.Function):
-    """The gated activation keeping only its input (hand-written backward)."""
-
-    @staticmethod
-    def forward(ctx, h, act: Activation):
-        ctx.act = act
-        ctx.save_for_backward(h)
-        return act(h)
-
-    @staticmethod
-    def backward(ctx, da):
-        (h,) = ctx.saved_tensors
-        return ctx.act.backward(h, da.contiguous()), None
-
-
 def expert_mlp_lora(
     x: torch.Tensor,
     routing: Routing,
     gate_weights: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
+    w_gate_up: Stack,
+    w_down: Stack,
     lora: ExpertLoRA | None,
     b_gate_up: torch.Tensor | None = None,
     b_down: torch.Tensor | None = None,
@@ -124,20 +110,21 @@ def expert_mlp_lora(
 ) -> torch.Tensor:
     """Routed expert MLP with per-expert LoRA on ``gate_up`` and ``down``, grouped.
 
-    Same contract as :func:`groupmoe.ops.expert_mlp` (weights ``[E, in, out]``, router weight
-    applied before the down projection, fp32 combine), plus ``lora``. LoRA factors are cast to
-    ``x``'s dtype for the GEMMs; their gradients flow back in their own dtype.
+    Same contract as :func:`groupmoe.ops.expert_mlp` (weights ``[E, in, out]`` or per-expert
+    ``nn.Linear`` lists, router weight applied before the down projection, fp32 combine), plus
+    ``lora``. LoRA factors are cast to ``x``'s dtype for the GEMMs; their gradients flow back in
+    their own dtype.
     """
     check_expert_args(x, routing, gate_weights, w_gate_up, w_down, b_gate_up, b_down)
     act = get_activation(activation)
     lora = lora or ExpertLoRA()
-    e, h, two_i = w_gate_up.shape
+    e, h, two_i = stack_shape(as_list(w_gate_up), routing.num_experts, "expert_mlp_lora")
     lora.check(e, h, two_i // 2, "expert_mlp_lora")
     offs, idx = routing.offsets, routing.expert_index
     xs = x.index_select(0, routing.token_index)
     hid = _lora_linear(xs, w_gate_up, lora.gate_up, offs, b_gate_up, idx)
     g = gate_weights.reshape(-1).index_select(0, routing.order).to(x.dtype).unsqueeze(1)
-    a = _ActFunction.apply(hid, act) * g
+    a = gated_act(hid, act) * g
     y = _lora_linear(a, w_down, lora.down, offs)
     if b_down is not None:
         y = y + g * b_down.index_select(0, idx)
@@ -156,7 +143,7 @@ class ExpertLoRAModule(nn.Module):
                  alpha: float | None = None, targets: tuple[str, ...] = ("gate_up", "down"),
                  device=None, dtype=None):
         super().__init__()
-        check(rank >= 1, f"ExpertLoRAModule: rank must be >= 1, got {rank}")
+        check(rank >= 1, lambda: f"ExpertLoRAModule: rank must be >= 1, got {rank}")
         check(set(targets) <= {"gate_up", "down"} and len(targets) > 0,
               f"ExpertLoRAModule: targets must be a subset of ('gate_up', 'down'), got {targets}")
         self.scale = (alpha if alpha is not None else rank) / rank

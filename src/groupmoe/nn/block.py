@@ -59,7 +59,7 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         hidden = x.shape[-1]
         check(hidden == self.experts.gate_up.shape[1],
-              f"MoEBlock: input hidden size {hidden} != expert hidden size "
+              lambda: f"MoEBlock: input hidden size {hidden} != expert hidden size "
               f"{self.experts.gate_up.shape[1]}")
         flat = x.reshape(-1, hidden)
         flat, logits, weights, ids = self.router(flat)

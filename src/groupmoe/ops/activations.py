@@ -7,13 +7,15 @@ every intermediate that plain autograd would save.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
 
 from .backend import use_triton
 from .dtypes import accum_dtype
+from .library import custom_op
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,18 @@ class Activation:
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         return self.forward(h)
+
+    def __post_init__(self):
+        # made once here, in eager code: torch.compile cannot trace the string formatting
+        params = [f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "name"]
+        object.__setattr__(self, "_spec",
+                           f"{self.name}({','.join(params)})" if params else self.name)
+
+    @property
+    def spec(self) -> str:
+        """How custom ops receive the activation: ``name`` or ``name(param=value,...)``;
+        :func:`activation_from_spec` inverts it."""
+        return self._spec
 
 
 @dataclass(frozen=True)
@@ -105,6 +119,54 @@ def get_activation(act: str | Activation) -> Activation:
         return ACTIVATIONS[act]
     except KeyError:
         raise ValueError(f"unknown activation {act!r}; choose from {sorted(ACTIVATIONS)}") from None
+
+
+@functools.cache
+def activation_from_spec(spec: str) -> Activation:
+    """The :class:`Activation` whose :attr:`~Activation.spec` is ``spec``."""
+    name, _, params = spec.partition("(")
+    act = get_activation(name)
+    kw = dict(p.split("=") for p in params.rstrip(")").split(",") if p)
+    return replace(act, **{k: float(v) for k, v in kw.items()}) if kw else act
+
+
+@custom_op("gated_act")
+def _gated_act_op(h: torch.Tensor, act: str) -> torch.Tensor:
+    return activation_from_spec(act)(h)
+
+
+@_gated_act_op.register_fake
+def _(h, act):
+    return h.new_empty(*h.shape[:-1], h.shape[-1] // 2)
+
+
+@custom_op("gated_act_backward")
+def _gated_act_backward_op(h: torch.Tensor, da: torch.Tensor, act: str) -> torch.Tensor:
+    return activation_from_spec(act).backward(h, da.contiguous())
+
+
+@_gated_act_backward_op.register_fake
+def _(h, da, act):
+    return torch.empty_like(h)
+
+
+def _gated_act_setup(ctx, inputs, output):
+    h, act = inputs
+    ctx.act = act
+    ctx.save_for_backward(h)
+
+
+def _gated_act_backward(ctx, da):
+    (h,) = ctx.saved_tensors
+    return _gated_act_backward_op(h, da, ctx.act), None
+
+
+_gated_act_op.register_autograd(_gated_act_backward, setup_context=_gated_act_setup)
+
+
+def gated_act(h: torch.Tensor, act: str | Activation) -> torch.Tensor:
+    """``act(h)`` as one autograd node that keeps only ``h`` (the hand-written backward)."""
+    return _gated_act_op(h, get_activation(act).spec)
 
 
 def scaled_forward(act: Activation, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -57,6 +57,9 @@ def use_triton(t: torch.Tensor) -> bool:
     return _backend == "triton" and interpreting() and triton_available()
 
 
+FUSED_ACTIVATIONS = ("swiglu", "gptoss")
+
+
 def _gemm_unsupported(x: torch.Tensor, act) -> str | None:
     """Why the fused-GEMM Triton forward cannot run these inputs, or None when it can."""
     if not triton_available():
@@ -65,7 +68,7 @@ def _gemm_unsupported(x: torch.Tensor, act) -> str | None:
         return "inputs are not on a CUDA device (and TRITON_INTERPRET is not set)"
     if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return f"dtype {x.dtype} (want bfloat16, float16 or float32)"
-    if act.name not in ("swiglu", "gptoss"):
+    if act.name not in FUSED_ACTIVATIONS:
         return f"activation {act.name!r} has no fused kernel (swiglu and gptoss do)"
     return None
 
@@ -76,15 +79,17 @@ def resolve_backend(backend: str | None, x: torch.Tensor, act, down_bias: bool =
 
     ``backend`` (per call) overrides the process default. ``"triton"`` raises when the kernels
     cannot run these inputs; ``"auto"`` takes the forward for bf16/fp16 CUDA experts with a
-    down bias.
+    down bias. Decided from dtypes, devices and module constants only, so torch.compile
+    traces it (and guards on the process default) without a graph break.
     """
     backend = _backend if backend is None else backend
     check(backend in BACKENDS, f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
-    why = _gemm_unsupported(x, act)
     if backend == "triton":
+        why = _gemm_unsupported(x, act)
         check(why is None, f"expert_mlp: backend='triton' cannot run: {why}")
         return "triton"
-    fits = why is None and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-    return "triton-forward" if fits and down_bias else "torch"
+    fits = (down_bias and x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+            and triton_available() and act.name in FUSED_ACTIVATIONS)
+    return "triton-forward" if fits else "torch"

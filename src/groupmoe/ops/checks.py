@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
+
+from .library import custom_op, in_backward
 
 _VALIDATE = os.environ.get("GROUPMOE_VALIDATE", "1") not in ("0", "false", "False")
 
@@ -26,9 +29,12 @@ def validation_enabled() -> bool:
     return _VALIDATE
 
 
-def check(cond: bool, msg: str) -> None:
+def check(cond: bool, msg: str | Callable[[], str]) -> None:
+    """Raise ``ValueError(msg)`` unless ``cond``. Pass messages that format sizes as a
+    ``lambda``: formatting a size while torch.compile traces would specialise the graph on it
+    (a recompile per token count), so the message is made only when the check fails."""
     if not cond:
-        raise ValueError(msg)
+        raise ValueError(msg() if callable(msg) else msg)
 
 
 def check_same_device(where: str, **tensors: torch.Tensor | None) -> None:
@@ -48,17 +54,24 @@ def check_same_dtype(where: str, **tensors: torch.Tensor | None) -> None:
 
 
 def check_expert_ids(expert_ids: torch.Tensor, num_experts: int, where: str = "routing",
-                     values: bool = True) -> None:
-    """dtype and shape always; the values' range too (one device sync) when ``values`` and
-    validation is on."""
+                     values: bool = False) -> None:
+    """dtype and shape; the values' range too (one device sync) when ``values`` and
+    validation is on (eager callers; :func:`~groupmoe.ops.build_routing` checks them inside
+    its custom op)."""
     check(
         expert_ids.dtype in (torch.int64, torch.int32, torch.int16, torch.uint8),
         f"{where}: expert ids must be an integer tensor, got {expert_ids.dtype}",
     )
-    check(expert_ids.dim() == 2, f"{where}: expert ids must be [tokens, top_k], got "
+    check(expert_ids.dim() == 2, lambda: f"{where}: expert ids must be [tokens, top_k], got "
           f"shape {tuple(expert_ids.shape)}")
     check(num_experts >= 1, f"{where}: num_experts must be >= 1, got {num_experts}")
-    if values and _VALIDATE and expert_ids.numel():
+    if values and _VALIDATE:
+        check_id_values(expert_ids, num_experts, where)
+
+
+def check_id_values(expert_ids: torch.Tensor, num_experts: int, where: str) -> None:
+    """Raise naming the first expert id outside ``[0, num_experts)`` (one device sync)."""
+    if expert_ids.numel():
         lo, hi = torch.stack(torch.aminmax(expert_ids)).tolist()  # one device sync
         if lo < 0 or hi >= num_experts:
             bad = ((expert_ids < 0) | (expert_ids >= num_experts)).nonzero()[0].tolist()
@@ -68,12 +81,9 @@ def check_expert_ids(expert_ids: torch.Tensor, num_experts: int, where: str = "r
             )
 
 
-def check_finite_logits(logits: torch.Tensor, where: str = "router") -> None:
-    """Raise with the first offending token when router logits hold NaN or Inf."""
-    if not _VALIDATE or logits.numel() == 0:
-        return
+def _raise_if_not_finite(logits: torch.Tensor, where: str) -> None:
     bad = ~torch.isfinite(logits)
-    if bool(bad.any()):
+    if logits.numel() and bool(bad.any()):  # one device sync
         idx = bad.nonzero()
         tokens = idx[:, 0].unique()
         raise FloatingPointError(
@@ -81,3 +91,28 @@ def check_finite_logits(logits: torch.Tensor, where: str = "router") -> None:
             f"tokens (first at token {int(idx[0, 0])}, expert {int(idx[0, 1])}); "
             "check the layer's input for overflow"
         )
+
+
+@custom_op("check_finite_logits")
+def _finite_ids_op(logits: torch.Tensor, expert_ids: torch.Tensor, where: str) -> torch.Tensor:
+    if not in_backward():  # a recomputed forward was checked already
+        _raise_if_not_finite(logits, where)
+    return expert_ids.clone()  # an output the routing consumes keeps the check in the graph
+
+
+@_finite_ids_op.register_fake
+def _(logits, expert_ids, where):
+    return torch.empty_like(expert_ids)
+
+
+def checked_ids(logits: torch.Tensor, expert_ids: torch.Tensor, where: str = "router"
+                ) -> torch.Tensor:
+    """``expert_ids`` once ``logits`` are known finite; raises with the first offending token
+    when they hold NaN or Inf. With validation off, ``expert_ids`` unchanged and no check.
+
+    The check is a custom op that passes the ids through, so it stays in a compiled graph and
+    raises the same error there; activation checkpointing's recompute does not repeat it.
+    """
+    if not _VALIDATE:
+        return expert_ids
+    return _finite_ids_op(logits.detach(), expert_ids, where)

@@ -1,78 +1,91 @@
 """The routed expert MLP: gate_up -> activation -> scale by router weight -> down -> combine.
 
 Weights are taken in ``[E, in, out]`` layout (``w_gate_up [E, H, 2I]``, ``w_down [E, I, H]``);
-pass ``.transpose(-1, -2)`` views of ``nn.Linear``-layout stacks. The router weight ``g``
-scales the activation before the down projection, ``a' = g * a``, and the down bias as
-``g * b_down`` (so ``g * (a W + b) == a' W + g b``). Its gradient is then
-``dg = <da', a> + <dy, b_down>``: no division by ``g`` and nothing of the down output kept.
+pass ``.transpose(-1, -2)`` views of ``nn.Linear``-layout stacks, or per-expert ``nn.Linear``
+weights as a list (:mod:`groupmoe.ops.stacks`). The router weight ``g`` scales the activation
+before the down projection, ``a' = g * a``, and the down bias as ``g * b_down`` (so
+``g * (a W + b) == a' W + g b``). Its gradient is then ``dg = <da', a> + <dy, b_down>``: no
+division by ``g`` and nothing of the down output kept.
+
+The forward is one custom op (``groupmoe::expert_mlp``) with a registered backward made of a
+few more (:mod:`groupmoe.ops.library`): torch.compile sees one node per piece, and a compiled
+backward frees ``h`` and the down projection's intermediates as soon as they are used.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
 
-from .activations import Activation, get_activation, scaled_backward, scaled_forward
+from .activations import (
+    Activation,
+    activation_from_spec,
+    get_activation,
+    scaled_backward,
+    scaled_forward,
+)
 from .backend import Backend, resolve_backend, use_triton
 from .checks import check, check_same_device, check_same_dtype
 from .dtypes import accum_dtype, to_accum
-from .grouped_gemm import grouped_mm, grouped_wgrad_like, segment_sum
+from .grouped_gemm import grouped_mm, grouped_wgrad_in_layout, segment_sum
 from .grouped_linear import grouped_linear
+from .library import absent, custom_op
 from .routing import Routing, combine
-from .wgrad import DeferredWeight, defer, weight_grad
+from .stacks import Stack, as_list, assemble, is_transposed, stack_shape
+from .wgrad import defer_stack, deferred_of, stack_weight_grad
 
 SaveMode = Literal["h", "none"]
 SAVE_MODES = ("h", "none")
 DEFAULT_SAVE = os.environ.get("GROUPMOE_SAVE", "h")
+Tensor = torch.Tensor
 
 
 def check_expert_args(
-    x: torch.Tensor,
+    x: Tensor,
     routing: Routing,
-    gate_weights: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    b_gate_up: torch.Tensor | None,
-    b_down: torch.Tensor | None,
+    gate_weights: Tensor,
+    w_gate_up: Stack,
+    w_down: Stack,
+    b_gate_up: Tensor | None,
+    b_down: Tensor | None,
 ) -> None:
     """Shape/dtype/device checks of one expert-MLP call, with messages that name the culprit."""
     where = "experts"
-    check(x.dim() == 2, f"{where}: x must be [tokens, hidden], got {tuple(x.shape)}")
+    check(x.dim() == 2, lambda: f"{where}: x must be [tokens, hidden], got {tuple(x.shape)}")
     t, h = x.shape
     e = routing.num_experts
-    check(w_gate_up.dim() == 3 and w_down.dim() == 3,
-          f"{where}: expert weights must be 3-D stacks, got {tuple(w_gate_up.shape)} and "
-          f"{tuple(w_down.shape)}")
-    check(w_gate_up.shape[0] == e and w_down.shape[0] == e,
-          f"{where}: weights hold {w_gate_up.shape[0]}/{w_down.shape[0]} experts, routing has {e}")
-    check(w_gate_up.shape[1] == h,
-          f"{where}: gate_up weight is [E, {w_gate_up.shape[1]}, 2I] but hidden size is {h}")
-    two_i = w_gate_up.shape[2]
+    w1, w2 = as_list(w_gate_up), as_list(w_down)
+    s1, s2 = stack_shape(w1, e, where), stack_shape(w2, e, where)
+    check(s1[0] == e and s2[0] == e,
+          lambda: f"{where}: weights hold {s1[0]}/{s2[0]} experts, routing has {e}")
+    check(s1[1] == h, lambda: f"{where}: gate_up weight is [E, {s1[1]}, 2I] but hidden size is {h}")
+    two_i = s1[2]
     check(two_i % 2 == 0, f"{where}: gate_up output size {two_i} must be even (gate and up)")
-    check(w_down.shape[1:] == (two_i // 2, h),
-          f"{where}: down weight must be [E, {two_i // 2}, {h}], got {tuple(w_down.shape)}")
+    check(s2[1:] == (two_i // 2, h),
+          lambda: f"{where}: down weight must be [E, {two_i // 2}, {h}], got {tuple(s2)}")
     check(routing.num_tokens == t or routing.num_rows == 0,
-          f"{where}: routing is for {routing.num_tokens} tokens, x has {t}")
+          lambda: f"{where}: routing is for {routing.num_tokens} tokens, x has {t}")
     check(gate_weights.shape == (t, routing.top_k),
-          f"{where}: router weights must be [{t}, {routing.top_k}], "
+          lambda: f"{where}: router weights must be [{t}, {routing.top_k}], "
           f"got {tuple(gate_weights.shape)}")
     check(gate_weights.is_floating_point(), f"{where}: router weights must be floating point")
     check(x.is_floating_point(), f"{where}: x must be floating point, got {x.dtype}")
     if b_gate_up is not None:
         check(b_gate_up.shape == (e, two_i),
-              f"{where}: gate_up bias must be [{e}, {two_i}], got {tuple(b_gate_up.shape)}")
+              lambda: f"{where}: gate_up bias must be [{e}, {two_i}], got {tuple(b_gate_up.shape)}")
     if b_down is not None:
-        check(b_down.shape == (e, h), f"{where}: down bias must be [{e}, {h}], got "
+        check(b_down.shape == (e, h), lambda: f"{where}: down bias must be [{e}, {h}], got "
               f"{tuple(b_down.shape)}")
-    check_same_dtype(where, x=x, w_gate_up=w_gate_up, w_down=w_down, b_gate_up=b_gate_up,
+    check_same_dtype(where, x=x, w_gate_up=w1[0], w_down=w2[0], b_gate_up=b_gate_up,
                      b_down=b_down)
-    check_same_device(where, x=x, gate_weights=gate_weights, w_gate_up=w_gate_up, w_down=w_down,
+    check_same_device(where, x=x, gate_weights=gate_weights, w_gate_up=w1[0], w_down=w2[0],
                       b_gate_up=b_gate_up, b_down=b_down, order=routing.order)
 
 
-def _gather_sum(rows: torch.Tensor, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
+def _gather_sum(rows: Tensor, routing: Routing, dtype: torch.dtype) -> Tensor:
     if use_triton(rows):
         from ..kernels.combine import gather_sum as gather_sum_kernel
 
@@ -82,34 +95,43 @@ def _gather_sum(rows: torch.Tensor, routing: Routing, dtype: torch.dtype) -> tor
     return picked.sum(1, dtype=accum_dtype(rows.dtype)).to(dtype)
 
 
-class GatherSumFunction(torch.autograd.Function):
-    """Autograd for :func:`gather_sum` (the Triton kernel has no autograd of its own)."""
-
-    @staticmethod
-    def forward(ctx, rows, routing: Routing, dtype: torch.dtype):
-        ctx.routing, ctx.rows_dtype = routing, rows.dtype
-        return _gather_sum(rows, routing, dtype)
-
-    @staticmethod
-    def backward(ctx, dout):
-        return dout.index_select(0, ctx.routing.token_index).to(ctx.rows_dtype), None, None
+@custom_op("gather_sum")
+def _gather_sum_op(rows: Tensor, routing: Sequence[Tensor], top_k: int, dtype: torch.dtype
+                   ) -> Tensor:
+    return _gather_sum(rows, Routing.from_tensors(routing, top_k), dtype)
 
 
-def gather_sum(rows: torch.Tensor, routing: Routing, dtype: torch.dtype) -> torch.Tensor:
+@_gather_sum_op.register_fake
+def _(rows, routing, top_k, dtype):
+    return rows.new_empty(routing[0].numel() // max(top_k, 1), rows.shape[1], dtype=dtype)
+
+
+def _gather_sum_setup(ctx, inputs, output):
+    rows, routing, top_k, dtype = inputs
+    ctx.rows_dtype = rows.dtype
+    ctx.save_for_backward(routing[2])  # token_index
+
+
+def _gather_sum_backward(ctx, dout):
+    (token_index,) = ctx.saved_tensors
+    return dout.index_select(0, token_index).to(ctx.rows_dtype), [None] * 6, None, None
+
+
+_gather_sum_op.register_autograd(_gather_sum_backward, setup_context=_gather_sum_setup)
+
+
+def gather_sum(rows: Tensor, routing: Routing, dtype: torch.dtype) -> Tensor:
     """``out[t] = sum_s rows[sorted row of (t, s)]`` accumulated in fp32, cast once.
 
     Deterministic (no atomics) and without an fp32 copy of ``rows``; on CUDA one Triton pass
     without the gathered ``[T*k, H]`` copy either. Differentiable in ``rows``.
     """
-    if rows.requires_grad and torch.is_grad_enabled():
-        return GatherSumFunction.apply(rows, routing, dtype)
-    return _gather_sum(rows, routing, dtype)
+    return _gather_sum_op(rows, routing.tensors(), routing.top_k, dtype)
 
 
 def bias_prob_grads(
-    dy: torch.Tensor, prob: torch.Tensor, bias: torch.Tensor, routing: Routing,
-    dy_index: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    dy: Tensor, prob: Tensor, bias: Tensor, routing: Routing, dy_index: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Gradients of ``prob[i] * bias[expert(i)]`` (seed 002), ``dbias [E, H]`` and ``dprob [N]``
     in fp32 (fp64 for fp64 inputs).
 
@@ -121,9 +143,9 @@ def bias_prob_grads(
 
 
 def bias_prob_grads_rows(
-    dy: torch.Tensor, prob: torch.Tensor, bias: torch.Tensor, offsets: torch.Tensor,
-    expert_index: torch.Tensor, dy_index: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    dy: Tensor, prob: Tensor, bias: Tensor, offsets: Tensor, expert_index: Tensor,
+    dy_index: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """:func:`bias_prob_grads` of expert-sorted rows given their group ends ``offsets [E]``
     and experts ``expert_index`` (``bias [E, H]``), e.g. a contiguous range of experts."""
     if use_triton(dy):
@@ -138,140 +160,237 @@ def bias_prob_grads_rows(
     return dbias, dprob
 
 
-def _gate_up(xs, w1, b1, routing):
+@custom_op("bias_prob_grads")
+def _bias_prob_op(dy: Tensor, prob: Tensor, bias: Tensor, offsets: Tensor,
+                  expert_index: Tensor, dy_index: Tensor | None) -> tuple[Tensor, Tensor]:
+    return bias_prob_grads_rows(dy, prob, bias, offsets, expert_index, dy_index)
+
+
+@_bias_prob_op.register_fake
+def _(dy, prob, bias, offsets, expert_index, dy_index):
+    acc = accum_dtype(dy.dtype)
+    return bias.new_empty(bias.shape, dtype=acc), dy.new_empty(expert_index.numel(), dtype=acc)
+
+
+@custom_op("segment_sum")
+def _segment_sum_op(x: Tensor, group_index: Tensor, groups: int, offsets: Tensor | None
+                    ) -> Tensor:
+    return segment_sum(x, group_index, groups, offsets)
+
+
+@_segment_sum_op.register_fake
+def _(x, group_index, groups, offsets):
+    return x.new_empty(groups, *x.shape[1:], dtype=accum_dtype(x.dtype))
+
+
+def _gate_up(xs: Tensor, w1: Tensor, b1: Tensor | None, routing: Routing) -> Tensor:
     h = grouped_mm(xs, w1, routing.offsets)
     if b1 is not None:
         h += b1.index_select(0, routing.expert_index)
     return h
 
 
-class ExpertMLPFunction(torch.autograd.Function):
-    """The whole routed expert MLP as one autograd node that keeps only what backward needs.
+def _forward(x, g, w1, w2, b1, b2, routing: Routing, act: Activation, save_h: bool,
+             backend: str) -> tuple[Tensor | None, Tensor]:
+    """``(h or None, out)``: the expert MLP's forward on ``g`` in expert-sorted order."""
+    if backend in ("triton", "triton-forward"):  # fused gather + grouped GEMM kernels
+        from ..kernels.experts import expert_forward
 
-    Saved: ``x`` (the caller's tensor, not a permuted copy), the routing indices, the sorted
-    router weights and, with ``save="h"``, the gate_up output ``h``; with ``save="none"``
-    backward recomputes ``h``. The down output is never saved. ``deferred`` (one entry per
-    weight, see :mod:`groupmoe.ops.wgrad`) sends dW of a detached weight to a store.
-    ``backend`` (from :func:`~groupmoe.ops.backend.resolve_backend`): ``"triton"`` runs forward
-    and backward on the fused kernels (:mod:`groupmoe.kernels.experts`), ``"triton-forward"``
-    the forward only, ``"torch"`` neither.
-    """
-
-    @staticmethod
-    def forward(ctx, x, gate_weights, w1, w2, b1, b2, routing: Routing, act: Activation,
-                save: SaveMode, input_grad: bool, weight_grad: bool, backend: str,
-                deferred: tuple[DeferredWeight | None, DeferredWeight | None]):
-        g = gate_weights.reshape(-1).index_select(0, routing.order)
-        if backend in ("triton", "triton-forward"):  # fused gather + grouped GEMM kernels
-            from ..kernels.experts import expert_forward
-
-            h, out = expert_forward(x, g, w1, w2, b1, b2, routing, act, store_h=save == "h")
-        else:
-            xs = x.index_select(0, routing.token_index)
-            h = _gate_up(xs, w1, b1, routing)
-            a_scaled = scaled_forward(act, h, g)
-            y = grouped_mm(a_scaled, w2, routing.offsets)
-            del a_scaled
-            if b2 is not None:
-                y += g.to(y.dtype).unsqueeze(1) * b2.index_select(0, routing.expert_index)
-            out = gather_sum(y, routing, x.dtype)
-        ctx.routing, ctx.act, ctx.backend = routing, act, backend
-        ctx.input_grad, ctx.weight_grad, ctx.deferred = input_grad, weight_grad, deferred
-        ctx.gate_dtype = gate_weights.dtype
-        ctx.save_for_backward(x, g, w1, w2, b1, b2)
-        # h is an intermediate, not an input or output: held on ctx (not save_for_backward)
-        # so backward can free it as soon as dh exists.
-        ctx.h = h if save == "h" else None
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        x, g, w1, w2, b1, b2 = ctx.saved_tensors
-        h, ctx.h = ctx.h, None
-        routing, act = ctx.routing, ctx.act
-        need_x, need_g, need_w1, need_w2, need_b1, need_b2 = ctx.needs_input_grad[:6]
-        need_x = need_x and ctx.input_grad
-        need_w1, need_w2, need_b1, need_b2 = (
-            n and ctx.weight_grad for n in (need_w1, need_w2, need_b1, need_b2))
-        offs = routing.offsets
-        dout = dout.contiguous()
-        fused = ctx.backend == "triton"
-        if fused:  # the kernels read dout and x rows through token_index: no permuted copies
-            from ..kernels import experts as kx
-
-            wgrad = kx.grouped_wgrad
-            if h is None:  # save="none": rebuild h
-                h = kx.gate_up(x, w1, b1, routing)
-            dy, dy_rows = dout, routing.token_index
-            dh, a_scaled, dg = kx.down_backward(dout, h, g, w2, routing, act, need_w2, need_g)
-        else:
-            wgrad = _wgrad
-            if h is None:
-                h = _gate_up(x.index_select(0, routing.token_index), w1, b1, routing)
-            dy, dy_rows = dout.index_select(0, routing.token_index), None
-            da_scaled = grouped_mm(dy, w2.transpose(-1, -2), offs)
-            dh, a_scaled, dg = scaled_backward(act, h, g, da_scaled, need_w2, need_g)
-            del da_scaled
-        del h
-        defer_w1, defer_w2 = ctx.deferred
-        dw2 = weight_grad(defer_w2, need_w2, wgrad, w2, a_scaled, None, dy, dy_rows, offs)
-        del a_scaled
-        db2 = None
-        if b2 is not None and (need_g or need_b2):
-            db2_acc, dprob = bias_prob_grads(dy, g, b2, routing, dy_rows)
-            db2 = db2_acc.to(b2.dtype) if need_b2 else None
-            dg = dg + dprob if dg is not None else None
-        del dy
-        dw1 = weight_grad(defer_w1, need_w1, wgrad, w1, x, routing.token_index, dh, None, offs)
-        db1 = segment_sum(dh, routing.expert_index, routing.num_experts, offs).to(b1.dtype) \
-            if need_b1 else None
-        dx = None
-        if need_x:
-            if fused:  # rows stored at their (token, slot) position, summed in registers
-                dxs = kx.input_grad_rows(dh, w1, routing)
-                del dh
-                dx = kx.sum_slots(dxs, routing, x.dtype)
-            else:
-                dxs = grouped_mm(dh, w1.transpose(-1, -2), offs)
-                del dh
-                dx = gather_sum(dxs, routing, x.dtype)
-        dgate = None
-        if need_g:
-            dgate = torch.empty_like(dg).index_copy_(0, routing.order, dg)
-            dgate = dgate.view(routing.num_tokens, routing.top_k).to(ctx.gate_dtype)
-        return dx, dgate, dw1, dw2, db1, db2, None, None, None, None, None, None, None
+        return expert_forward(x, g, w1, w2, b1, b2, routing, act, store_h=save_h)
+    h = _gate_up(x.index_select(0, routing.token_index), w1, b1, routing)
+    a_scaled = scaled_forward(act, h, g)
+    y = grouped_mm(a_scaled, w2, routing.offsets)
+    del a_scaled
+    if b2 is not None:
+        y += g.to(y.dtype).unsqueeze(1) * b2.index_select(0, routing.expert_index)
+    return h, _gather_sum(y, routing, x.dtype)
 
 
-def _wgrad(w: torch.Tensor, a: torch.Tensor, a_rows: torch.Tensor | None, dy: torch.Tensor,
-           dy_rows: torch.Tensor | None, offs: torch.Tensor) -> torch.Tensor:
-    """``dW[e] = a_e^T dy_e`` in ``w``'s own layout (transposed parameter views included), the
-    rows of ``a``/``dy`` taken through ``a_rows``/``dy_rows`` where given (the signature of
-    :func:`groupmoe.kernels.grouped_bwd.grouped_wgrad`)."""
+@custom_op("expert_mlp")
+def _expert_mlp_op(x: Tensor, g: Tensor, w1: Sequence[Tensor], w2: Sequence[Tensor],
+                   b1: Tensor | None, b2: Tensor | None, routing: Sequence[Tensor], top_k: int,
+                   act: str, save_h: bool, backend: str, input_grad: bool, weight_grad: bool
+                   ) -> tuple[Tensor, Tensor]:
+    r = Routing.from_tensors(routing, top_k)
+    e = r.num_experts
+    h, out = _forward(x, g, assemble(w1, e), assemble(w2, e), b1, b2, r,
+                      activation_from_spec(act), save_h, backend)
+    return out, h if save_h else absent(x)
+
+
+@_expert_mlp_op.register_fake
+def _(x, g, w1, w2, b1, b2, routing, top_k, act, save_h, backend, input_grad, weight_grad):
+    two_i = stack_shape(w1, routing[-1].numel(), "experts")[2]
+    return x.new_empty(x.shape), x.new_empty(routing[0].numel(), two_i) if save_h else absent(x)
+
+
+@custom_op("expert_gate_up")
+def _gate_up_op(x: Tensor, w1: Sequence[Tensor], b1: Tensor | None, routing: Sequence[Tensor],
+                top_k: int, fused: bool) -> Tensor:
+    r = Routing.from_tensors(routing, top_k)
+    w = assemble(w1, r.num_experts)
+    if fused:
+        from ..kernels.experts import gate_up
+
+        return gate_up(x, w, b1, r)
+    return _gate_up(x.index_select(0, r.token_index), w, b1, r)
+
+
+@_gate_up_op.register_fake
+def _(x, w1, b1, routing, top_k, fused):
+    return x.new_empty(routing[0].numel(), stack_shape(w1, routing[-1].numel(), "experts")[2])
+
+
+@custom_op("expert_down_backward")
+def _down_backward_op(dy: Tensor, h: Tensor, g: Tensor, w2: Sequence[Tensor],
+                      routing: Sequence[Tensor], top_k: int, act: str, fused: bool,
+                      want_a: bool, want_dg: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``(dh, g * act(h), dg)`` from ``dy``: the ``[T, H]`` output gradient when ``fused``
+    (the kernel reads its rows through the routing), else its expert-sorted rows."""
+    r = Routing.from_tensors(routing, top_k)
+    w = assemble(w2, r.num_experts)
+    activation = activation_from_spec(act)
+    if fused:
+        from ..kernels.experts import down_backward
+
+        dh, a_scaled, dg = down_backward(dy, h, g, w, r, activation, want_a, want_dg)
+    else:
+        da_scaled = grouped_mm(dy, w.transpose(-1, -2), r.offsets)
+        dh, a_scaled, dg = scaled_backward(activation, h, g, da_scaled, want_a, want_dg)
+    return (dh, a_scaled if want_a else absent(h),
+            dg.to(accum_dtype(h.dtype)) if want_dg else absent(h))
+
+
+@_down_backward_op.register_fake
+def _(dy, h, g, w2, routing, top_k, act, fused, want_a, want_dg):
+    n = h.shape[0]
+    return (torch.empty_like(h), h.new_empty(n, h.shape[1] // 2) if want_a else absent(h),
+            h.new_empty(n, dtype=accum_dtype(h.dtype)) if want_dg else absent(h))
+
+
+@custom_op("expert_wgrad")
+def _wgrad_op(a: Tensor, a_rows: Tensor | None, dy: Tensor, dy_rows: Tensor | None,
+              offsets: Tensor, transposed: bool, fused: bool) -> Tensor:
+    """``dW[e] = a_e^T dy_e`` (``[E, in, out]``, as the transposed view of ``[E, out, in]``
+    storage when ``transposed``), the rows of ``a``/``dy`` taken through ``a_rows``/
+    ``dy_rows`` where given."""
+    if fused:
+        from ..kernels.experts import grouped_wgrad
+
+        return grouped_wgrad(a, a_rows, dy, dy_rows, offsets, transposed=transposed)
     a = a if a_rows is None else a.index_select(0, a_rows)
     dy = dy if dy_rows is None else dy.index_select(0, dy_rows)
-    return grouped_wgrad_like(w, a, dy, offs).to(w.dtype)
+    return grouped_wgrad_in_layout(a, dy, offsets, transposed)
+
+
+@_wgrad_op.register_fake
+def _(a, a_rows, dy, dy_rows, offsets, transposed, fused):
+    e, k, n = offsets.numel(), a.shape[1], dy.shape[1]
+    return a.new_empty(e, n, k).transpose(-1, -2) if transposed else a.new_empty(e, k, n)
+
+
+@custom_op("expert_input_grad")
+def _input_grad_op(dh: Tensor, w1: Sequence[Tensor], routing: Sequence[Tensor], top_k: int,
+                   fused: bool) -> Tensor:
+    """``dx [T, H]``: ``dh @ w1[e]^T`` summed over each token's k rows (fp32, cast once)."""
+    r = Routing.from_tensors(routing, top_k)
+    w = assemble(w1, r.num_experts)
+    if fused:  # rows stored at their (token, slot) position, summed in registers
+        from ..kernels.experts import input_grad_rows, sum_slots
+
+        return sum_slots(input_grad_rows(dh, w, r), r, dh.dtype)
+    return _gather_sum(grouped_mm(dh, w.transpose(-1, -2), r.offsets), r, dh.dtype)
+
+
+@_input_grad_op.register_fake
+def _(dh, w1, routing, top_k, fused):
+    hidden = stack_shape(w1, routing[-1].numel(), "experts")[1]
+    return dh.new_empty(routing[0].numel() // max(top_k, 1), hidden)
+
+
+def _expert_mlp_setup(ctx, inputs, output):
+    x, g, w1, w2, b1, b2, routing, top_k, act, save_h, backend, input_grad, weight_grad = inputs
+    ctx.top_k, ctx.act, ctx.fused = top_k, act, backend == "triton"
+    ctx.input_grad, ctx.weight_grad = input_grad, weight_grad
+    ctx.n1 = len(w1)
+    ctx.transposed = (is_transposed(w1), is_transposed(w2))
+    ctx.deferred = (deferred_of(w1), deferred_of(w2))
+    ctx.save_for_backward(x, g, b1, b2, output[1] if save_h else None, *routing, *w1, *w2)
+
+
+def _expert_mlp_backward(ctx, dout, _):
+    x, g, b1, b2, h, *rest = ctx.saved_tensors
+    routing, w1, w2 = rest[:6], rest[6:6 + ctx.n1], rest[6 + ctx.n1:]
+    need_x, need_g, needs_w1, needs_w2, need_b1, need_b2 = ctx.needs_input_grad[:6]
+    need_x = need_x and ctx.input_grad
+    need_w1, need_w2 = (any(n) and ctx.weight_grad for n in (needs_w1, needs_w2))
+    need_b1, need_b2 = (n and ctx.weight_grad for n in (need_b1, need_b2))
+    top_k, fused = ctx.top_k, ctx.fused
+    (t1, t2), (defer_w1, defer_w2) = ctx.transposed, ctx.deferred
+    r = Routing.from_tensors(routing, top_k)
+    dout = dout.contiguous()
+    if h is None:  # save="none": rebuild h
+        h = _gate_up_op(x, w1, b1, routing, top_k, fused)
+    # the fused kernels read dout rows through token_index: no permuted copy
+    dy, dy_rows = (dout, r.token_index) if fused else (dout.index_select(0, r.token_index), None)
+    dh, a_scaled, dg = _down_backward_op(dy, h, g, w2, routing, top_k, ctx.act, fused,
+                                         need_w2, need_g)
+    del h
+    dw2 = stack_weight_grad(defer_w2, need_w2, w2, _wgrad_op, a_scaled, None, dy, dy_rows,
+                            r.offsets, t2, fused)
+    del a_scaled
+    db2 = None
+    if b2 is not None and (need_g or need_b2):
+        db2_acc, dprob = _bias_prob_op(dy, g, b2, r.offsets, r.expert_index, dy_rows)
+        db2 = db2_acc.to(b2.dtype) if need_b2 else None
+        dg = dg + dprob if need_g else dg
+    del dy
+    dw1 = stack_weight_grad(defer_w1, need_w1, w1, _wgrad_op, x, r.token_index, dh, None,
+                            r.offsets, t1, fused)
+    db1 = _segment_sum_op(dh, r.expert_index, r.num_experts, r.offsets).to(b1.dtype) \
+        if need_b1 else None
+    dx = _input_grad_op(dh, w1, routing, top_k, fused) if need_x else None
+    return (dx, dg.to(g.dtype) if need_g else None, _masked(dw1, needs_w1),
+            _masked(dw2, needs_w2), db1, db2, [None] * len(routing), None, None, None, None,
+            None, None)
+
+
+def _masked(grads: list | None, needs: list[bool]) -> list:
+    """One entry per list input (the structure autograd expects back), ``None`` where not
+    needed."""
+    grads = grads or [None] * len(needs)
+    return [d if n else None for d, n in zip(grads, needs)]
+
+
+_expert_mlp_op.register_autograd(_expert_mlp_backward, setup_context=_expert_mlp_setup)
 
 
 def expert_mlp(
-    x: torch.Tensor,
+    x: Tensor,
     routing: Routing,
-    gate_weights: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    b_gate_up: torch.Tensor | None = None,
-    b_down: torch.Tensor | None = None,
+    gate_weights: Tensor,
+    w_gate_up: Stack,
+    w_down: Stack,
+    b_gate_up: Tensor | None = None,
+    b_down: Tensor | None = None,
     activation: str | Activation = "swiglu",
     save: SaveMode | None = None,
     input_grad: bool | None = None,
     weight_grad: bool | None = None,
     backend: Backend | None = None,
-) -> torch.Tensor:
+) -> Tensor:
     """Routed expert MLP of ``x [T, H]``, summed over each token's ``top_k`` experts.
+
+    One autograd node that keeps only what backward needs: ``x`` (the caller's tensor, not a
+    permuted copy), the routing indices, the sorted router weights and, with ``save="h"``,
+    the gate_up output ``h``; the down output is never kept.
 
     Args:
         routing: from :func:`build_routing` on the router's ``[T, k]`` expert ids.
         gate_weights: router weights ``[T, k]``; receive a gradient when they require one.
-        w_gate_up: ``[E, H, 2I]``; w_down: ``[E, I, H]`` (``[E, in, out]`` layout).
+        w_gate_up: ``[E, H, 2I]``; w_down: ``[E, I, H]`` (``[E, in, out]`` layout), or each as
+            a list of per-expert ``nn.Linear`` weights (``[out, in]``; for gate_up, gate then
+            up of each expert), stacked inside the op and never kept stacked.
         b_gate_up, b_down: optional per-expert biases ``[E, 2I]`` and ``[E, H]``.
         activation: ``"swiglu"`` (gate half first), ``"gptoss"`` (interleaved, clamped), or an
             :class:`Activation`.
@@ -295,27 +414,29 @@ def expert_mlp(
     save = DEFAULT_SAVE if save is None else save
     check(save in SAVE_MODES, f"expert_mlp: save must be 'h' or 'none' (argument or "
           f"GROUPMOE_SAVE), got {save!r}")
-    check_expert_args(x, routing, gate_weights, w_gate_up, w_down, b_gate_up, b_down)
+    w1, w2 = as_list(w_gate_up), as_list(w_down)
+    check_expert_args(x, routing, gate_weights, w1, w2, b_gate_up, b_down)
     act = get_activation(activation)
-    w1, defer_w1 = defer(w_gate_up)
-    w2, defer_w2 = defer(w_down)
-    return ExpertMLPFunction.apply(x, gate_weights, w1, w2, b_gate_up, b_down,
-                                   routing, act, save, input_grad is not False,
-                                   weight_grad is not False,
-                                   resolve_backend(backend, x, act, b_down is not None),
-                                   (defer_w1, defer_w2))
+    w1, _ = defer_stack(w1)
+    w2, _ = defer_stack(w2)
+    g = gate_weights.reshape(-1).index_select(0, routing.order)
+    out, _ = _expert_mlp_op(x, g, w1, w2, b_gate_up, b_down, routing.tensors(), routing.top_k,
+                            act.spec, save == "h",
+                            resolve_backend(backend, x, act, b_down is not None),
+                            input_grad is not False, weight_grad is not False)
+    return out
 
 
 def expert_mlp_naive(
-    x: torch.Tensor,
+    x: Tensor,
     routing: Routing,
-    gate_weights: torch.Tensor,
-    w_gate_up: torch.Tensor,
-    w_down: torch.Tensor,
-    b_gate_up: torch.Tensor | None = None,
-    b_down: torch.Tensor | None = None,
+    gate_weights: Tensor,
+    w_gate_up: Tensor,
+    w_down: Tensor,
+    b_gate_up: Tensor | None = None,
+    b_down: Tensor | None = None,
     activation: str | Activation = "swiglu",
-) -> torch.Tensor:
+) -> Tensor:
     """The same math composed from differentiable pieces under plain autograd (the baseline:
     sort, grouped GEMMs, activation, weighted fp32 ``index_add`` combine)."""
     check_expert_args(x, routing, gate_weights, w_gate_up, w_down, b_gate_up, b_down)

@@ -107,16 +107,14 @@ def grouped_mm_wgrad(a: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> t
     return out
 
 
-def grouped_wgrad_like(w: torch.Tensor, a: torch.Tensor, dy: torch.Tensor,
-                       offs: torch.Tensor) -> torch.Tensor:
-    """The gradient of ``w [G, K, N]`` (``a_g^T dy_g``), laid out like ``w``'s storage.
-
-    When ``w`` is a transposed view of a contiguous ``[G, N, K]`` parameter (``nn.Linear``
-    layout, e.g. transformers' stacked experts), the gradient is computed as ``dy_g^T a_g`` and
-    returned as a transposed view: accumulating it into the parameter then needs no strided
-    copy (measured on an H100: ~3 ms per 800 MB weight otherwise).
+def grouped_wgrad_in_layout(a: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor,
+                            transposed: bool) -> torch.Tensor:
+    """``out[g] = a_g^T dy_g`` (``[G, K, N]``), made as the transposed view of a contiguous
+    ``[G, N, K]`` when ``transposed`` (the weight is such a view: ``nn.Linear``-layout stacks,
+    e.g. transformers' stacked experts), so accumulating it into the parameter needs no
+    strided copy (measured on an H100: ~3 ms per 800 MB weight otherwise).
     """
-    if w.dim() == 3 and w.stride(-2) == 1 and w.stride(-1) != 1:
+    if transposed:
         return grouped_mm_wgrad(dy, a, offs).transpose(-1, -2)
     return grouped_mm_wgrad(a, dy, offs)
 

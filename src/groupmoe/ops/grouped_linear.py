@@ -1,84 +1,131 @@
-"""Grouped linear layer as an autograd Function: dX always cheap, dW only when needed."""
+"""Grouped linear layer as a custom op: dX always cheap, dW only when needed."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 
 from .checks import check
-from .grouped_gemm import grouped_mm, grouped_wgrad_like, segment_sum
-from .wgrad import DeferredWeight, defer, weight_grad
+from .grouped_gemm import grouped_mm, grouped_wgrad_in_layout, segment_sum
+from .library import custom_op
+from .stacks import Stack, as_list, assemble, is_transposed, stack_shape
+from .wgrad import defer_stack, deferred_of, stack_weight_grad
+
+Tensor = torch.Tensor
 
 
-class GroupedLinearFunction(torch.autograd.Function):
-    """``y = grouped_mm(x, w, offs)`` with ``w [G, K, N]``.
-
-    Backward: ``dx = grouped_mm(dy, w^T)``, ``dw[g] = x_g^T dy_g``. ``x`` is saved only when
-    ``w`` needs a gradient; the weight gradient is skipped for frozen weights. With
-    ``deferred`` (see :mod:`groupmoe.ops.wgrad`) ``w`` is a detached alias and dW goes to a
-    weight-gradient store.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor,
-                deferred: DeferredWeight | None = None) -> torch.Tensor:
-        ctx.deferred = deferred
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, w, offs)
-        return grouped_mm(x, w, offs)
-
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        x, w, offs = ctx.saved_tensors
-        dy = dy.contiguous()
-        dx = grouped_mm(dy, w.transpose(-1, -2), offs) if ctx.needs_input_grad[0] else None
-        dw = weight_grad(ctx.deferred, ctx.needs_input_grad[1], _wgrad, w, x, dy, offs)
-        return dx, dw, None, None
+@custom_op("grouped_mm")
+def _grouped_mm_op(x: Tensor, w: Sequence[Tensor], offsets: Tensor, transpose_w: bool
+                   ) -> Tensor:
+    """``x_g @ w[g]`` (``w[g]^T`` when ``transpose_w``) for the expert-sorted rows of ``x``."""
+    stack = assemble(w, offsets.numel())
+    return grouped_mm(x, stack.transpose(-1, -2) if transpose_w else stack, offsets)
 
 
-def _wgrad(w: torch.Tensor, x: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor
-           ) -> torch.Tensor:
-    """dW in ``w``'s own layout (a transposed parameter view gets a matching gradient)."""
-    return grouped_wgrad_like(w, x, dy, offs).to(w.dtype)
+@_grouped_mm_op.register_fake
+def _(x, w, offsets, transpose_w):
+    _, d_in, d_out = stack_shape(w, offsets.numel(), "grouped_linear")
+    return x.new_empty(x.shape[0], d_in if transpose_w else d_out)
 
 
-class GroupBiasFunction(torch.autograd.Function):
-    """``y + bias[group_index]`` whose bias gradient sums rows per group in fp32, cast once
+@custom_op("grouped_wgrad")
+def _grouped_wgrad_op(x: Tensor, dy: Tensor, offsets: Tensor, transposed: bool) -> Tensor:
+    return grouped_wgrad_in_layout(x, dy, offsets, transposed)
+
+
+@_grouped_wgrad_op.register_fake
+def _(x, dy, offsets, transposed):
+    e, k, n = offsets.numel(), x.shape[1], dy.shape[1]
+    return x.new_empty(e, n, k).transpose(-1, -2) if transposed else x.new_empty(e, k, n)
+
+
+def _setup(ctx, inputs, output):
+    x, w, offsets, transpose_w = inputs
+    check(not transpose_w, "grouped_linear: the transposed product has no autograd")
+    ctx.n = len(w)
+    ctx.transposed, ctx.deferred = is_transposed(w), deferred_of(w)
+    ctx.save_for_backward(x if any(p.requires_grad for p in w) else None, offsets, *w)
+
+
+def _backward(ctx, dy):
+    x, offsets, *w = ctx.saved_tensors
+    need_x, needs_w = ctx.needs_input_grad[:2]
+    dy = dy.contiguous()
+    dx = _grouped_mm_op(dy, w, offsets, True) if need_x else None
+    dw = stack_weight_grad(ctx.deferred, any(needs_w), w, _grouped_wgrad_op, x, dy, offsets,
+                           ctx.transposed)
+    dw = [None if d is None or not n else d.to(p.dtype)
+          for d, p, n in zip(dw or [None] * len(w), w, needs_w)]
+    return dx, dw, None, None
+
+
+_grouped_mm_op.register_autograd(_backward, setup_context=_setup)
+
+
+@custom_op("group_bias")
+def _group_bias_op(y: Tensor, bias: Tensor, group_index: Tensor) -> Tensor:
+    """``y + bias[group_index]``, whose bias gradient sums rows per group in fp32, cast once
     (autograd's own index backward would accumulate in bf16)."""
+    return y + bias.index_select(0, group_index)
 
-    @staticmethod
-    def forward(ctx, y: torch.Tensor, bias: torch.Tensor, group_index: torch.Tensor):
-        ctx.save_for_backward(group_index)
-        ctx.groups = bias.shape[0]
-        return y + bias.index_select(0, group_index)
 
-    @staticmethod
-    def backward(ctx, dy: torch.Tensor):
-        (group_index,) = ctx.saved_tensors
-        dbias = None
-        if ctx.needs_input_grad[1]:
-            dbias = segment_sum(dy, group_index, ctx.groups).to(dy.dtype)
-        return dy, dbias, None
+@_group_bias_op.register_fake
+def _(y, bias, group_index):
+    return torch.empty_like(y)
+
+
+@custom_op("group_bias_backward")
+def _group_bias_backward_op(dy: Tensor, group_index: Tensor, groups: int) -> Tensor:
+    return segment_sum(dy, group_index, groups).to(dy.dtype)
+
+
+@_group_bias_backward_op.register_fake
+def _(dy, group_index, groups):
+    return dy.new_empty(groups, *dy.shape[1:])
+
+
+def _bias_setup(ctx, inputs, output):
+    y, bias, group_index = inputs
+    ctx.groups = bias.shape[0]
+    ctx.save_for_backward(group_index)
+
+
+def _bias_backward(ctx, dy):
+    (group_index,) = ctx.saved_tensors
+    dbias = _group_bias_backward_op(dy, group_index, ctx.groups) \
+        if ctx.needs_input_grad[1] else None
+    return dy, dbias, None
+
+
+_group_bias_op.register_autograd(_bias_backward, setup_context=_bias_setup)
 
 
 def grouped_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    offsets: torch.Tensor,
-    bias: torch.Tensor | None = None,
-    group_index: torch.Tensor | None = None,
-) -> torch.Tensor:
+    x: Tensor,
+    weight: Stack,
+    offsets: Tensor,
+    bias: Tensor | None = None,
+    group_index: Tensor | None = None,
+) -> Tensor:
     """Per-group linear map of expert-sorted rows: ``x_g @ weight[g] (+ bias[g])``.
 
     ``weight`` is ``[G, in, out]`` (pass ``w.transpose(-1, -2)`` for ``nn.Linear``-layout
-    stacks). The bias is added as ``bias[group_index]`` by its own small Function, so its
-    gradient is computed eagerly (cheap next to the weight gradient, never deferred).
+    stacks), or per-group ``nn.Linear`` weights as a list (:mod:`groupmoe.ops.stacks`). ``x``
+    is kept for backward only when the weight needs a gradient. The bias is added as
+    ``bias[group_index]`` by its own small op, so its gradient is computed eagerly (cheap
+    next to the weight gradient, never deferred).
     """
-    check(x.dim() == 2, f"grouped_linear: x must be [rows, in], got {tuple(x.shape)}")
-    w, deferred = defer(weight)
-    out = GroupedLinearFunction.apply(x, w, offsets, deferred)
+    check(x.dim() == 2, lambda: f"grouped_linear: x must be [rows, in], got {tuple(x.shape)}")
+    ws = as_list(weight)
+    groups, d_in, d_out = stack_shape(ws, offsets.numel(), "grouped_linear")
+    check(d_in == x.shape[1], lambda: f"grouped_linear: weight is [{groups}, {d_in}, {d_out}] "
+          f"but x has {x.shape[1]} columns")
+    ws, _ = defer_stack(ws)
+    out = _grouped_mm_op(x, ws, offsets, False)
     if bias is not None:
         check(group_index is not None, "grouped_linear: a bias needs group_index (row -> group)")
-        check(bias.shape == (weight.shape[0], weight.shape[2]),
-              f"grouped_linear: bias must be [{weight.shape[0]}, {weight.shape[2]}], "
-              f"got {tuple(bias.shape)}")
-        out = GroupBiasFunction.apply(out, bias, group_index)
+        check(bias.shape == (groups, d_out),
+              lambda: f"grouped_linear: bias must be [{groups}, {d_out}], got {tuple(bias.shape)}")
+        out = _group_bias_op(out, bias, group_index)
     return out

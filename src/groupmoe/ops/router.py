@@ -6,7 +6,7 @@ from typing import Literal
 
 import torch
 
-from .checks import check, check_finite_logits
+from .checks import check, checked_ids
 
 RouterKind = Literal["softmax_topk", "topk_softmax"]
 
@@ -29,18 +29,18 @@ def route(
     Returns ``(weights [T, k] in logits.dtype, expert ids [T, k] int64)``.
     """
     check(logits.dim() == 2,
-          f"{where}: logits must be [tokens, experts], got {tuple(logits.shape)}")
+          lambda: f"{where}: logits must be [tokens, experts], got {tuple(logits.shape)}")
     num_experts = logits.shape[1]
     check(1 <= top_k <= num_experts,
-          f"{where}: top_k={top_k} must be between 1 and the number of experts ({num_experts})")
-    check_finite_logits(logits, where)
+          lambda: f"{where}: top_k={top_k} must be between 1 and the number of experts "
+                  f"({num_experts})")
     if kind == "softmax_topk":
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, top_k, dim=-1)
         if normalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights.to(logits.dtype), ids
+        return weights.to(logits.dtype), checked_ids(logits, ids, where)
     if kind == "topk_softmax":
         top, ids = torch.topk(logits, top_k, dim=-1)
-        return torch.softmax(top, dim=-1, dtype=top.dtype), ids
+        return torch.softmax(top, dim=-1, dtype=top.dtype), checked_ids(logits, ids, where)
     raise ValueError(f"{where}: unknown router kind {kind!r}; choose softmax_topk or topk_softmax")

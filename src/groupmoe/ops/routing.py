@@ -6,8 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check, check_expert_ids, check_same_device
+from .checks import check, check_expert_ids, check_id_values, check_same_device, validation_enabled
 from .dtypes import to_accum
+from .library import custom_op, in_backward
 
 
 @dataclass(frozen=True)
@@ -34,16 +35,26 @@ class Routing:
     def num_rows(self) -> int:
         return self.order.numel()
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The index tensors in the order custom ops take them (see :meth:`from_tensors`)."""
+        return [self.order, self.inverse, self.token_index, self.expert_index, self.counts,
+                self.offsets]
 
-def build_routing(expert_ids: torch.Tensor, num_experts: int, *, check_ids: bool = True
-                  ) -> Routing:
-    """Sort the ``[T, k]`` expert ids by expert (stable) and derive counts, offsets, inverse.
+    @classmethod
+    def from_tensors(cls, tensors, top_k: int) -> Routing:
+        """Inverse of :meth:`tensors`."""
+        order, inverse, token_index, expert_index, counts, offsets = tensors
+        return cls(num_experts=offsets.numel(), top_k=top_k, order=order, inverse=inverse,
+                   token_index=token_index, expert_index=expert_index, counts=counts,
+                   offsets=offsets)
 
-    ``check_ids=False`` skips the range check of the ids' values (and the device sync it costs,
-    see :func:`~groupmoe.ops.set_validation`) for ids that are in range by construction, such
-    as ``topk`` indices over ``num_experts`` scores; dtype and shape are still checked.
-    """
-    check_expert_ids(expert_ids, num_experts, values=check_ids)
+
+@custom_op("build_routing")
+def _build_routing_op(expert_ids: torch.Tensor, num_experts: int, check_values: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                 torch.Tensor, torch.Tensor]:
+    if check_values and not in_backward():  # a recomputed forward was checked already
+        check_id_values(expert_ids, num_experts, "routing")
     top_k = expert_ids.shape[1]
     flat = expert_ids.reshape(-1).long()
     expert_index, order = torch.sort(flat, stable=True)
@@ -53,16 +64,31 @@ def build_routing(expert_ids: torch.Tensor, num_experts: int, *, check_ids: bool
     counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device).scatter_add_(
         0, flat, torch.ones_like(flat))
     offsets = torch.cumsum(counts, 0, dtype=torch.int32)
-    return Routing(
-        num_experts=num_experts,
-        top_k=top_k,
-        order=order,
-        inverse=inverse,
-        token_index=torch.div(order, top_k, rounding_mode="floor"),
-        expert_index=expert_index,
-        counts=counts,
-        offsets=offsets,
-    )
+    token_index = torch.div(order, top_k, rounding_mode="floor")
+    return order, inverse, token_index, expert_index, counts, offsets
+
+
+@_build_routing_op.register_fake
+def _(expert_ids, num_experts, check_values):
+    n = expert_ids.numel()
+    rows = [expert_ids.new_empty(n, dtype=torch.long) for _ in range(4)]
+    return (*rows, expert_ids.new_empty(num_experts, dtype=torch.long),
+            expert_ids.new_empty(num_experts, dtype=torch.int32))
+
+
+def build_routing(expert_ids: torch.Tensor, num_experts: int, *, check_ids: bool = True
+                  ) -> Routing:
+    """Sort the ``[T, k]`` expert ids by expert (stable) and derive counts, offsets, inverse.
+
+    ``check_ids=False`` skips the range check of the ids' values (and the device sync it costs,
+    see :func:`~groupmoe.ops.set_validation`) for ids that are in range by construction, such
+    as ``topk`` indices over ``num_experts`` scores; dtype and shape are still checked. One
+    custom op (``groupmoe::build_routing``): the range check runs inside it, also when
+    compiled, and is not repeated when activation checkpointing recomputes the forward.
+    """
+    check_expert_ids(expert_ids, num_experts)
+    tensors = _build_routing_op(expert_ids, num_experts, check_ids and validation_enabled())
+    return Routing.from_tensors(tensors, expert_ids.shape[1])
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -79,7 +105,7 @@ def scatter_for_grouped_gemm(
     group never sees garbage. Offsets are unchanged (the tail belongs to no expert).
     """
     check(x.dim() == 2,
-          f"scatter_for_grouped_gemm: x must be [tokens, hidden], got {tuple(x.shape)}")
+          lambda: f"scatter_for_grouped_gemm: x must be [tokens, hidden], got {tuple(x.shape)}")
     check(alignment >= 1, f"scatter_for_grouped_gemm: alignment must be >= 1, got {alignment}")
     check_same_device("scatter_for_grouped_gemm", x=x, token_index=routing.token_index)
     n = routing.num_rows
@@ -99,11 +125,11 @@ def combine(
     once to ``y``'s dtype. Differentiable in ``y`` and ``weights``.
     """
     check(y.dim() == 2 and y.shape[0] == routing.num_rows,
-          f"combine: y must be [{routing.num_rows}, hidden], got {tuple(y.shape)}")
+          lambda: f"combine: y must be [{routing.num_rows}, hidden], got {tuple(y.shape)}")
     src = to_accum(y)
     if weights is not None:
         check(weights.shape == (routing.num_tokens, routing.top_k),
-              f"combine: weights must be [{routing.num_tokens}, {routing.top_k}], "
+              lambda: f"combine: weights must be [{routing.num_tokens}, {routing.top_k}], "
               f"got {tuple(weights.shape)}")
         src = src * weights.reshape(-1)[routing.order].to(src.dtype).unsqueeze(1)
     out = torch.zeros(routing.num_tokens, y.shape[1], dtype=src.dtype, device=y.device)

@@ -9,7 +9,8 @@ has no edge to the parameter: its hooks do not fire with an empty gradient in ba
 dW computation to the store, which later runs it and feeds the result through autograd from the
 real weight (view inverse, ``.grad`` accumulation and hooks exactly as eager).
 
-This module depends on torch only, so ops never import :mod:`groupmoe.parallel`.
+This module depends on torch and :mod:`.stacks` only, so ops never import
+:mod:`groupmoe.parallel`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+
+from .stacks import split_grad
 
 
 class _Store(Protocol):
@@ -59,12 +62,33 @@ def defer(w: torch.Tensor | None) -> tuple[torch.Tensor | None, DeferredWeight |
     empty gradient. The alias's own node tells backward whether this pass wants the weight's
     gradient at all (not in ``torch.autograd.grad(out, inputs)``).
     """
+    if w is None:
+        return None, None
+    aliases, deferred = defer_stack([w])
+    return aliases[0], deferred
+
+
+def defer_stack(ws: list[torch.Tensor]) -> tuple[list[torch.Tensor], DeferredWeight | None]:
+    """:func:`defer` for a weight stack in the ops' list form (:mod:`groupmoe.ops.stacks`):
+    one :class:`DeferredWeight` for all its tensors, found again by :func:`deferred_of`."""
     store = _active
-    if store is None or w is None or not (w.requires_grad and torch.is_grad_enabled()):
-        return w, None
-    leaf = w.detach().requires_grad_(True)
-    alias = leaf.view_as(leaf)
-    return alias, DeferredWeight(w, store, alias.grad_fn)
+    if store is None or not torch.is_grad_enabled() or not any(w.requires_grad for w in ws):
+        return ws, None
+    if torch.compiler.is_compiling():
+        raise RuntimeError("WeightGradStore: deferred weight gradients run in eager mode only; "
+                           "disable the store around compiled code")
+    aliases = [(leaf := w.detach().requires_grad_(w.requires_grad)).view_as(leaf) for w in ws]
+    trained = tuple(w for w in ws if w.requires_grad)
+    deferred = DeferredWeight(trained[0] if len(ws) == 1 else trained, store,
+                              next(a.grad_fn for a in aliases if a.grad_fn is not None))
+    aliases[0]._groupmoe_deferred = deferred
+    return aliases, deferred
+
+
+def deferred_of(ws) -> DeferredWeight | None:
+    """The :class:`DeferredWeight` of a stack made by :func:`defer_stack` (``None`` for any
+    other, and for the fake tensors a compiler traces with)."""
+    return getattr(ws[0], "_groupmoe_deferred", None)
 
 
 def weight_grad(deferred: DeferredWeight | None, needed: bool,
@@ -84,6 +108,26 @@ def weight_grad(deferred: DeferredWeight | None, needed: bool,
             deferred.store.put(deferred.weight, partial(fn, *args))
         return None
     return fn(*args)
+
+
+def stack_weight_grad(deferred: DeferredWeight | None, needed: bool, ws: list[torch.Tensor],
+                      fn: Callable[..., torch.Tensor], *args: Any) -> list | None:
+    """:func:`weight_grad` for a stack in list form: ``fn(*args)`` is the gradient of the
+    assembled stack; returns (or queues) one gradient per list entry."""
+    if not needed:
+        return None
+    if deferred is not None:
+        if torch._C._will_engine_execute_node(deferred.node):
+            deferred.store.put(deferred.weight, partial(_trained_grads, ws, fn, args))
+        return None
+    return split_grad(fn(*args), ws)
+
+
+def _trained_grads(ws, fn, args):
+    grads = split_grad(fn(*args), ws)
+    if len(ws) == 1:
+        return grads[0]
+    return tuple(g for g, w in zip(grads, ws) if w.requires_grad)
 
 
 def _linear_wgrad(x: torch.Tensor, dy: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

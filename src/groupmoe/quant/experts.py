@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..lora.chunked import chunked_expert_mlp
+from ..lora.chunked import ChunkedWeights, chunked_expert_mlp, register_weight_source
 from ..lora.experts import ExpertLoRA, ExpertLoRAModule, expert_mlp_lora
 from ..ops.activations import get_activation
 from ..ops.checks import check
@@ -39,6 +39,32 @@ Layout = Literal["out_in", "in_out"]
 
 def _transposed(w: torch.Tensor, layout: Layout) -> torch.Tensor:
     return w.transpose(-1, -2) if layout == "out_in" else w
+
+
+_BACKENDS = ("auto", "torch", "triton", "bnb")
+
+
+def nf4_chunked_weights(q: NF4Tensor, layout: Layout, backend: Backend = "auto"
+                        ) -> ChunkedWeights:
+    """An NF4 stack as :class:`~groupmoe.lora.chunked.ChunkedWeights` (source ``"nf4"``):
+    its tensors, and shape, blocksizes, layout and dequantize backend as integers."""
+    parts = (q.packed, q.absmax) + ((q.absmax2, q.code2, q.offset) if q.nested else ())
+    meta = (*q.shape, q.blocksize, q.blocksize2, int(layout == "out_in"),
+            _BACKENDS.index(backend))
+    e, d0, d1 = q.shape
+    return ChunkedWeights("nf4", parts, meta, (e, d1, d0) if layout == "out_in" else (e, d0, d1))
+
+
+def _nf4_source(tensors, meta, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    *shape, blocksize, blocksize2, out_in, backend = meta
+    nested = dict(zip(("absmax2", "code2", "offset"), tensors[2:]))
+    q = NF4Tensor(tensors[0], tensors[1], torch.Size(shape), dtype, blocksize,
+                  blocksize2=blocksize2, **nested)
+    w = dequantize_nf4_experts(q, start, stop, dtype, _BACKENDS[backend])
+    return _transposed(w, "out_in" if out_in else "in_out")
+
+
+register_weight_source("nf4", _nf4_source)
 
 
 class QuantizedGroupedExperts(nn.Module):
@@ -108,11 +134,14 @@ class QuantizedGroupedExperts(nn.Module):
         w2 = dequantize_nf4(self.down_q, self.compute_dtype, self.backend)
         return _transposed(w1, self.layout), _transposed(w2, self.layout)
 
+    def chunked_weights(self, which: str) -> ChunkedWeights:
+        """The ``gate_up`` or ``down`` stack as the chunked op takes it (``[E, in, out]``)."""
+        q = self.gate_up_q if which == "gate_up" else self.down_q
+        return nf4_chunked_weights(q, self.layout, self.backend)
+
     def expert_weights(self, which: str, start: int, stop: int) -> torch.Tensor:
         """Dequantized ``gate_up`` or ``down`` of experts ``[start, stop)``, ``[n, in, out]``."""
-        q = self.gate_up_q if which == "gate_up" else self.down_q
-        w = dequantize_nf4_experts(q, start, stop, self.compute_dtype, self.backend)
-        return _transposed(w, self.layout)
+        return self.chunked_weights(which).experts(start, stop, self.compute_dtype)
 
     def experts_per_chunk(self) -> int:
         """Experts per dequantized range under ``dequant_chunk_bytes`` (at least one)."""
@@ -131,7 +160,7 @@ class QuantizedGroupedExperts(nn.Module):
         check(x.dtype == self.compute_dtype,
               f"QuantizedGroupedExperts: x is {x.dtype}, compute dtype is {self.compute_dtype}")
         check(x.dim() == 2 and x.shape[1] == self.hidden_size,
-              f"QuantizedGroupedExperts: x must be [tokens, {self.hidden_size}], got "
+              lambda: f"QuantizedGroupedExperts: x must be [tokens, {self.hidden_size}], got "
               f"{tuple(x.shape)}")
         routing = build_routing(expert_ids, self.num_experts, check_ids=check_ids)
         if lora is None and self.lora is not None:
@@ -142,9 +171,9 @@ class QuantizedGroupedExperts(nn.Module):
             if lora is not None:
                 lora.check(self.num_experts, self.hidden_size, self.intermediate_size,
                            "QuantizedGroupedExperts")
-            return chunked_expert_mlp(x, routing, gate_weights, self.expert_weights,
-                                      self.experts_per_chunk(), self.activation, lora, b1, b2,
-                                      self.save)
+            return chunked_expert_mlp(x, routing, gate_weights, self.chunked_weights("gate_up"),
+                                      self.chunked_weights("down"), self.experts_per_chunk(),
+                                      self.activation, lora, b1, b2, self.save)
         w1, w2 = self.dense_weights()
         ctx = contextlib.nullcontext()
         if self.dequant == "recompute":
