@@ -1,10 +1,13 @@
 """End-to-end: a stack of real-sized transformers decoder layers (random weights, real configs
 of Qwen3-30B-A3B, gpt-oss-20b and Mixtral-8x7B, few layers), training step tokens/s and peak
-memory per experts implementation: transformers' built-ins and groupmoe.
+memory per experts implementation: transformers' built-ins and groupmoe, each eager and with
+every decoder layer under ``torch.compile`` (``--modes eager compiled``).
 
 ``python -m groupmoe.bench.hf_e2e --out hf.json`` (``--smoke`` for tiny CPU configs).
 The step is forward + backward of the decoder layers on ``inputs_embeds`` (embedding and LM
-head left out: they do not depend on the experts implementation).
+head left out: they do not depend on the experts implementation). Compiled rows also give the
+time to the first step (compilation included). transformers' ``eager`` experts (a loop over
+experts with data-dependent shapes) run eager only: compiled, they break the graph per expert.
 """
 
 from __future__ import annotations
@@ -38,6 +41,29 @@ SMOKE = {k: (c, m, dict(kw, hidden_size=64, intermediate_size=32, num_attention_
                            else {})))
          for k, (c, m, kw) in REAL.items()}
 IMPLS = ("eager", "grouped_mm", "batched_mm", "groupmoe")
+MODES = ("eager", "compiled")
+
+
+def set_impl(model, impl: str) -> None:
+    """Switch the model's experts implementation (groupmoe through :func:`groupmoe.patch`)."""
+    import groupmoe
+
+    groupmoe.unpatch(model)
+    if impl == "groupmoe":
+        groupmoe.patch(model)
+    else:
+        model.config._experts_implementation = impl
+
+
+def set_compiled(model, compiled: bool) -> None:
+    """Compile each decoder layer (``nn.Module.compile``), or undo it; caches are reset so
+    each implementation compiles afresh."""
+    torch._dynamo.reset()
+    for layer in model.layers:
+        if compiled:
+            layer.compile()
+        else:
+            layer._compiled_call_impl = None
 
 
 def build(name: str, layers: int, smoke: bool, device, dtype):
@@ -56,56 +82,55 @@ def build(name: str, layers: int, smoke: bool, device, dtype):
     return model
 
 
-def bench_model(name, layers, batch, seq, smoke, device, dtype, repeat, log=print):
-    import groupmoe
-
+def bench_model(name, layers, batch, seq, smoke, device, dtype, repeat, modes=MODES,
+                impls=IMPLS, log=print):
     model = build(name, layers, smoke, device, dtype)
     h = model.config.hidden_size
     g = torch.Generator(device=device).manual_seed(1)
     embeds = [torch.randn(batch, seq, h, device=device, dtype=dtype, generator=g)
               .requires_grad_(True) for _ in range(2)]
     rows = []
-    for impl in IMPLS:
-        if impl == "groupmoe":
-            groupmoe.patch(model)
-        else:
-            model.config._experts_implementation = impl
+    for mode in modes:
+        for impl in impls:
+            if mode == "compiled" and impl == "eager":
+                continue
+            set_impl(model, impl)
+            set_compiled(model, mode == "compiled")
 
-        def step(it, model=model):
-            model.zero_grad(set_to_none=True)
-            out = model(inputs_embeds=embeds[it % 2]).last_hidden_state
-            out.float().pow(2).mean().backward()
+            def step(it, model=model):
+                model.zero_grad(set_to_none=True)
+                out = model(inputs_embeds=embeds[it % 2]).last_hidden_state
+                out.float().pow(2).mean().backward()
 
-        try:
-            ms = median_ms(step, device, warmup=2, repeat=repeat)
+            row = {"model": name, "impl": impl, "mode": mode, "layers": layers,
+                   "tokens": batch * seq}
+            try:
+                row["first_step_s"] = median_ms(step, device, warmup=0, repeat=1) / 1e3
+                ms = median_ms(step, device, warmup=2, repeat=repeat)
+                model.zero_grad(set_to_none=True)
+                peak = peak_extra_bytes(lambda: step(0), device)
+                row.update(ms=ms, tokens_per_s=batch * seq / ms * 1e3,
+                           peak_extra_mib=None if peak is None else peak / 2 ** 20)
+            except torch.OutOfMemoryError:
+                row.update(ms=None, tokens_per_s=None, peak_extra_mib=None, oom=True)
             model.zero_grad(set_to_none=True)
-            peak = peak_extra_bytes(lambda: step(0), device)
-            row = {"model": name, "impl": impl, "layers": layers, "tokens": batch * seq,
-                   "ms": ms, "tokens_per_s": batch * seq / ms * 1e3,
-                   "peak_extra_mib": None if peak is None else peak / 2 ** 20}
-        except torch.OutOfMemoryError:
-            row = {"model": name, "impl": impl, "layers": layers, "tokens": batch * seq,
-                   "ms": None, "tokens_per_s": None, "peak_extra_mib": None, "oom": True}
-        model.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        rows.append(row)
-        log(row)
-    groupmoe.unpatch(model)
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            rows.append(row)
+            log(row)
+    set_compiled(model, False)
+    set_impl(model, "eager")
     return rows
 
 
-def profile_impl(name, impl, layers, batch, seq, smoke, device, dtype, rows=20) -> None:
+def profile_impl(name, impl, layers, batch, seq, smoke, device, dtype, rows=20,
+                 compiled=False) -> None:
     """Kernel-level breakdown of one training step with one experts implementation."""
     from torch.profiler import ProfilerActivity, profile
 
-    import groupmoe
-
     model = build(name, layers, smoke, device, dtype)
-    if impl == "groupmoe":
-        groupmoe.patch(model)
-    else:
-        model.config._experts_implementation = impl
+    set_impl(model, impl)
+    set_compiled(model, compiled)
     x = torch.randn(batch, seq, model.config.hidden_size, device=device, dtype=dtype,
                     requires_grad=True)
 
@@ -122,7 +147,7 @@ def profile_impl(name, impl, layers, batch, seq, smoke, device, dtype, rows=20) 
             torch.cuda.synchronize()
     key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages()
-    print(f"--- {name} {impl}")
+    print(f"--- {name} {impl}{' compiled' if compiled else ''}")
     print(table.table(sort_by=key, row_limit=rows, max_name_column_width=50))
     if device.type == "cuda":
         print(f"per step: kernels {kernel_ms(table):.2f} ms (GPU busy), timed alone "
@@ -139,8 +164,11 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--out", default=None)
     p.add_argument("--smoke", action="store_true")
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     p.add_argument("--profile", nargs="*", default=None, metavar="IMPL",
-                   help="print a kernel breakdown of one step per implementation instead")
+                   help="print a kernel breakdown of one step per implementation instead "
+                        "(compiled too with --modes compiled)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)  # show any fallback to a model's own forward
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -149,31 +177,37 @@ def main(argv=None) -> None:
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.profile is not None:
         for name in args.models:
-            for impl in args.profile or ["grouped_mm", "groupmoe"]:
-                profile_impl(name, impl, args.layers, args.batch, args.seq, args.smoke, device,
-                             dtype)
+            for mode in args.modes:
+                for impl in args.profile or ["grouped_mm", "groupmoe"]:
+                    profile_impl(name, impl, args.layers, args.batch, args.seq, args.smoke,
+                                 device, dtype, compiled=mode == "compiled")
         return
     rows = []
     for name in args.models:
         rows += bench_model(name, args.layers, args.batch, args.seq, args.smoke, device, dtype,
-                            args.repeat)
-    print("| model | impl | ms/step | tokens/s | peak extra MiB | vs best built-in |")
-    print("|---|---|---|---|---|---|")
-    for name in args.models:
-        mine = [r for r in rows if r["model"] == name]
-        built_in = [r["ms"] for r in mine if r["impl"] != "groupmoe" and r["ms"]]
-        best = min(built_in) if built_in else None
-        for r in mine:
-            if r["ms"] is None:
-                print(f"| {name} | {r['impl']} | OOM | - | - | - |")
-                continue
-            peak = "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.0f}"
-            rel = f"{best / r['ms']:.2f}x" if best else "-"
-            print(f"| {name} | {r['impl']} | {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | {peak} | "
-                  f"{rel} |")
+                            args.repeat, args.modes, args.impls)
+    print_table(rows)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump({"env": environment(device), "rows": rows}, fh, indent=1)
+
+
+def print_table(rows: list[dict]) -> None:
+    """Markdown table; "vs best built-in" compares within a mode (compiled with compiled)."""
+    print("| model | impl | mode | ms/step | tokens/s | peak extra MiB | first step s | "
+          "vs best built-in |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        same = [o["ms"] for o in rows if o["model"] == r["model"] and o["mode"] == r["mode"]
+                and o["impl"] != "groupmoe" and o["ms"]]
+        head = f"| {r['model']} | {r['impl']} | {r['mode']} |"
+        if r["ms"] is None:
+            print(f"{head} OOM | - | - | - | - |")
+            continue
+        peak = "-" if r["peak_extra_mib"] is None else f"{r['peak_extra_mib']:.0f}"
+        rel = f"{min(same) / r['ms']:.2f}x" if same else "-"
+        print(f"{head} {r['ms']:.1f} | {r['tokens_per_s']:,.0f} | {peak} | "
+              f"{r['first_step_s']:.1f} | {rel} |")
 
 
 if __name__ == "__main__":

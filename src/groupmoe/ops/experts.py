@@ -32,7 +32,7 @@ from .checks import check, check_same_device, check_same_dtype
 from .dtypes import accum_dtype, to_accum
 from .grouped_gemm import grouped_mm, grouped_wgrad_in_layout, segment_sum
 from .grouped_linear import grouped_linear
-from .library import absent, custom_op
+from .library import absent, custom_op, release_saved
 from .routing import Routing, combine
 from .stacks import Stack, as_list, assemble, is_transposed, stack_shape
 from .wgrad import defer_stack, deferred_of, stack_weight_grad
@@ -329,12 +329,15 @@ def _expert_mlp_backward(ctx, dout, _):
     (t1, t2), (defer_w1, defer_w2) = ctx.transposed, ctx.deferred
     r = Routing.from_tensors(routing, top_k)
     dout = dout.contiguous()
-    if h is None:  # save="none": rebuild h
+    saved_h = h is not None
+    if not saved_h:  # save="none": rebuild h
         h = _gate_up_op(x, w1, b1, routing, top_k, fused)
     # the fused kernels read dout rows through token_index: no permuted copy
     dy, dy_rows = (dout, r.token_index) if fused else (dout.index_select(0, r.token_index), None)
     dh, a_scaled, dg = _down_backward_op(dy, h, g, w2, routing, top_k, ctx.act, fused,
                                          need_w2, need_g)
+    if saved_h:
+        release_saved(h)
     del h
     dw2 = stack_weight_grad(defer_w2, need_w2, w2, _wgrad_op, a_scaled, None, dy, dy_rows,
                             r.offsets, t2, fused)

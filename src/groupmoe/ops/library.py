@@ -30,3 +30,12 @@ def in_backward() -> bool:
     """Whether a backward pass is running (e.g. activation checkpointing recomputes a forward),
     so data checks that already ran in the forward are not repeated."""
     return torch._C._current_graph_task_id() != -1
+
+
+def release_saved(t: torch.Tensor) -> None:
+    """Free the memory of a saved intermediate (one the op made, e.g. ``h``) as soon as backward
+    is done with it: an eager autograd node keeps its saved tensors until its backward returns.
+    Not when the graph is kept for another backward (``retain_graph``), and not while a
+    compiler traces (a compiled backward frees it after its last use by itself)."""
+    if type(t) is torch.Tensor and not torch._C._autograd._get_current_graph_task_keep_graph():
+        t.untyped_storage().resize_(0)
