@@ -286,3 +286,37 @@ def test_bitsandbytes_config_4bit_save_load_after_grouped_run(tmp_path):
     assert len(groupmoe.patch(loaded).quantized) == 1
     got = step(loaded, ids)
     assert torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("name", ["qwen2_moe", "mixtral"])
+def test_compiled_layers_match_eager(name):
+    """Every decoder layer under torch.compile(fullgraph=True, dynamic=True), as the Trainer's
+    torch_compile does: no new graph for a new sequence length, loss and gradients equal to
+    eager (eval mode: Mixtral's training jitter draws differ between compiled and eager RNG).
+    4.x's own layer code (the cache's integer layer_idx, the router-logits collector) gives
+    each layer its graph."""
+    from test_compile import counting_backend
+
+    model = build(name).eval()
+    groupmoe.patch(model)
+    batches = [tokens(seq=12), tokens(seq=17, seed=2)]
+    want = [step(model, b) for b in batches]
+    count, graphs = counting_backend("aot_eager")
+    for layer in model.model.layers:
+        layer.compile(fullgraph=True, dynamic=True, backend=count)
+    counts = []
+    for b, ref in zip(batches, want):
+        _assert_close(step(model, b), ref)
+        counts.append(len(graphs))
+    assert counts == [len(model.model.layers)] * 2
+
+
+def test_gradient_checkpointing_with_jitter():
+    """Mixtral with router jitter in training under transformers' gradient checkpointing: the
+    recompute draws the same noise (restored RNG), so gradients equal those without."""
+    model = build("mixtral").train()
+    groupmoe.patch(model)
+    ids = tokens()
+    ref = step(model, ids)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _assert_close(step(model, ids), ref)
