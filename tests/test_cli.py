@@ -86,3 +86,14 @@ def test_hf_e2e_bench_smoke(tmp_path):
     assert [(r["impl"], r["mode"]) for r in rows] == [
         ("eager", "eager"), ("groupmoe", "eager"), ("groupmoe", "compiled")]
     assert all(r["ms"] > 0 and r["first_step_s"] > 0 for r in rows)
+
+
+def test_fsdp_bench_smoke(tmp_path):
+    import pytest
+
+    pytest.importorskip("transformers")
+    out = tmp_path / "fsdp.json"
+    subprocess.run([sys.executable, "-m", "groupmoe.bench.fsdp_bench", "--smoke", "--gpus", "1",
+                    "2", "--out", str(out)], check=True, capture_output=True)
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["gpus"] for r in rows] == [1, 2] and all(r["tokens_per_s"] > 0 for r in rows)

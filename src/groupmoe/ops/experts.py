@@ -34,7 +34,7 @@ from .grouped_gemm import grouped_mm, grouped_wgrad_in_layout, segment_sum
 from .grouped_linear import grouped_linear
 from .library import absent, custom_op, release_saved
 from .routing import Routing, combine
-from .stacks import Stack, as_list, assemble, is_transposed, stack_shape
+from .stacks import Stack, as_list, assemble, is_transposed, split_grad, stack_shape
 from .wgrad import defer_stack, deferred_of, stack_weight_grad
 
 SaveMode = Literal["h", "none"]
@@ -160,29 +160,6 @@ def bias_prob_grads_rows(
     return dbias, dprob
 
 
-@custom_op("bias_prob_grads")
-def _bias_prob_op(dy: Tensor, prob: Tensor, bias: Tensor, offsets: Tensor,
-                  expert_index: Tensor, dy_index: Tensor | None) -> tuple[Tensor, Tensor]:
-    return bias_prob_grads_rows(dy, prob, bias, offsets, expert_index, dy_index)
-
-
-@_bias_prob_op.register_fake
-def _(dy, prob, bias, offsets, expert_index, dy_index):
-    acc = accum_dtype(dy.dtype)
-    return bias.new_empty(bias.shape, dtype=acc), dy.new_empty(expert_index.numel(), dtype=acc)
-
-
-@custom_op("segment_sum")
-def _segment_sum_op(x: Tensor, group_index: Tensor, groups: int, offsets: Tensor | None
-                    ) -> Tensor:
-    return segment_sum(x, group_index, groups, offsets)
-
-
-@_segment_sum_op.register_fake
-def _(x, group_index, groups, offsets):
-    return x.new_empty(groups, *x.shape[1:], dtype=accum_dtype(x.dtype))
-
-
 def _gate_up(xs: Tensor, w1: Tensor, b1: Tensor | None, routing: Routing) -> Tensor:
     h = grouped_mm(xs, w1, routing.offsets)
     if b1 is not None:
@@ -224,53 +201,8 @@ def _(x, g, w1, w2, b1, b2, routing, top_k, act, save_h, backend, input_grad, we
     return x.new_empty(x.shape), x.new_empty(routing[0].numel(), two_i) if save_h else absent(x)
 
 
-@custom_op("expert_gate_up")
-def _gate_up_op(x: Tensor, w1: Sequence[Tensor], b1: Tensor | None, routing: Sequence[Tensor],
-                top_k: int, fused: bool) -> Tensor:
-    r = Routing.from_tensors(routing, top_k)
-    w = assemble(w1, r.num_experts)
-    if fused:
-        from ..kernels.experts import gate_up
-
-        return gate_up(x, w, b1, r)
-    return _gate_up(x.index_select(0, r.token_index), w, b1, r)
-
-
-@_gate_up_op.register_fake
-def _(x, w1, b1, routing, top_k, fused):
-    return x.new_empty(routing[0].numel(), stack_shape(w1, routing[-1].numel(), "experts")[2])
-
-
-@custom_op("expert_down_backward")
-def _down_backward_op(dy: Tensor, h: Tensor, g: Tensor, w2: Sequence[Tensor],
-                      routing: Sequence[Tensor], top_k: int, act: str, fused: bool,
-                      want_a: bool, want_dg: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dh, g * act(h), dg)`` from ``dy``: the ``[T, H]`` output gradient when ``fused``
-    (the kernel reads its rows through the routing), else its expert-sorted rows."""
-    r = Routing.from_tensors(routing, top_k)
-    w = assemble(w2, r.num_experts)
-    activation = activation_from_spec(act)
-    if fused:
-        from ..kernels.experts import down_backward
-
-        dh, a_scaled, dg = down_backward(dy, h, g, w, r, activation, want_a, want_dg)
-    else:
-        da_scaled = grouped_mm(dy, w.transpose(-1, -2), r.offsets)
-        dh, a_scaled, dg = scaled_backward(activation, h, g, da_scaled, want_a, want_dg)
-    return (dh, a_scaled if want_a else absent(h),
-            dg.to(accum_dtype(h.dtype)) if want_dg else absent(h))
-
-
-@_down_backward_op.register_fake
-def _(dy, h, g, w2, routing, top_k, act, fused, want_a, want_dg):
-    n = h.shape[0]
-    return (torch.empty_like(h), h.new_empty(n, h.shape[1] // 2) if want_a else absent(h),
-            h.new_empty(n, dtype=accum_dtype(h.dtype)) if want_dg else absent(h))
-
-
-@custom_op("expert_wgrad")
-def _wgrad_op(a: Tensor, a_rows: Tensor | None, dy: Tensor, dy_rows: Tensor | None,
-              offsets: Tensor, transposed: bool, fused: bool) -> Tensor:
+def _wgrad(a: Tensor, a_rows: Tensor | None, dy: Tensor, dy_rows: Tensor | None,
+           offsets: Tensor, transposed: bool, fused: bool) -> Tensor:
     """``dW[e] = a_e^T dy_e`` (``[E, in, out]``, as the transposed view of ``[E, out, in]``
     storage when ``transposed``), the rows of ``a``/``dy`` taken through ``a_rows``/
     ``dy_rows`` where given."""
@@ -283,29 +215,106 @@ def _wgrad_op(a: Tensor, a_rows: Tensor | None, dy: Tensor, dy_rows: Tensor | No
     return grouped_wgrad_in_layout(a, dy, offsets, transposed)
 
 
-@_wgrad_op.register_fake
-def _(a, a_rows, dy, dy_rows, offsets, transposed, fused):
-    e, k, n = offsets.numel(), a.shape[1], dy.shape[1]
+def _wgrad_like(a: Tensor, e: int, k: int, n: int, transposed: bool) -> Tensor:
     return a.new_empty(e, n, k).transpose(-1, -2) if transposed else a.new_empty(e, k, n)
 
 
-@custom_op("expert_input_grad")
-def _input_grad_op(dh: Tensor, w1: Sequence[Tensor], routing: Sequence[Tensor], top_k: int,
-                   fused: bool) -> Tensor:
-    """``dx [T, H]``: ``dh @ w1[e]^T`` summed over each token's k rows (fp32, cast once)."""
+# what the backward does with a weight gradient: nothing, compute it, or leave it to a
+# WeightGradStore (the op then returns what the store's closure needs)
+WGRAD_SKIP, WGRAD_NOW, WGRAD_DEFER = 0, 1, 2
+
+
+@custom_op("expert_down_backward")
+def _down_backward_op(dout: Tensor, x: Tensor, h: Tensor | None, g: Tensor,
+                      w1: Sequence[Tensor], b1: Tensor | None, w2: Sequence[Tensor],
+                      b2: Tensor | None, routing: Sequence[Tensor], top_k: int, act: str,
+                      fused: bool, dw2_mode: int, need_dg: bool, need_db2: bool,
+                      transposed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The down projection's backward from the ``[T, H]`` output gradient: ``(dh, dg, dW2,
+    db2, g * act(h), dy)``. ``h`` is rebuilt from ``x``, ``w1``, ``b1`` when not saved. The
+    last two are returned only for a WeightGradStore (``dw2_mode`` defer; ``dy`` are the
+    expert-sorted rows of ``dout``, absent when ``fused``: its kernels read ``dout`` through
+    the routing instead of a permuted copy)."""
     r = Routing.from_tensors(routing, top_k)
-    w = assemble(w1, r.num_experts)
-    if fused:  # rows stored at their (token, slot) position, summed in registers
-        from ..kernels.experts import input_grad_rows, sum_slots
+    w = assemble(w2, r.num_experts)
+    activation = activation_from_spec(act)
+    if h is None:  # save="none"
+        w_up = assemble(w1, r.num_experts)
+        if fused:
+            from ..kernels.experts import gate_up
 
-        return sum_slots(input_grad_rows(dh, w, r), r, dh.dtype)
-    return _gather_sum(grouped_mm(dh, w.transpose(-1, -2), r.offsets), r, dh.dtype)
+            h = gate_up(x, w_up, b1, r)
+        else:
+            h = _gate_up(x.index_select(0, r.token_index), w_up, b1, r)
+    want_a = dw2_mode != WGRAD_SKIP
+    if fused:
+        from ..kernels.experts import down_backward
+
+        dy, dy_rows = dout, r.token_index
+        dh, a_scaled, dg = down_backward(dout, h, g, w, r, activation, want_a, need_dg)
+    else:
+        dy, dy_rows = dout.index_select(0, r.token_index), None
+        da_scaled = grouped_mm(dy, w.transpose(-1, -2), r.offsets)
+        dh, a_scaled, dg = scaled_backward(activation, h, g, da_scaled, want_a, need_dg)
+        del da_scaled
+    del h
+    dw2 = absent(x)
+    if dw2_mode == WGRAD_NOW:
+        dw2 = _wgrad(a_scaled, None, dy, dy_rows, r.offsets, transposed, fused)
+    db2 = absent(x)
+    if b2 is not None and (need_dg or need_db2):
+        db2_acc, dprob = bias_prob_grads_rows(dy, g, b2, r.offsets, r.expert_index, dy_rows)
+        db2 = db2_acc.to(b2.dtype) if need_db2 else db2
+        dg = dg + dprob if need_dg else dg
+    keep = dw2_mode == WGRAD_DEFER
+    return (dh, dg.to(g.dtype) if need_dg else absent(x), dw2, db2,
+            a_scaled if keep else absent(x), dy if keep and not fused else absent(x))
 
 
-@_input_grad_op.register_fake
-def _(dh, w1, routing, top_k, fused):
-    hidden = stack_shape(w1, routing[-1].numel(), "experts")[1]
-    return dh.new_empty(routing[0].numel() // max(top_k, 1), hidden)
+@_down_backward_op.register_fake
+def _(dout, x, h, g, w1, b1, w2, b2, routing, top_k, act, fused, dw2_mode, need_dg, need_db2,
+      transposed):
+    e, inter, hidden = stack_shape(w2, routing[-1].numel(), "experts")
+    n = routing[0].numel()
+    keep = dw2_mode == WGRAD_DEFER
+    return (x.new_empty(n, 2 * inter),
+            g.new_empty(n) if need_dg else absent(x),
+            _wgrad_like(x, e, inter, hidden, transposed) if dw2_mode == WGRAD_NOW
+            else absent(x),
+            b2.new_empty(b2.shape) if b2 is not None and need_db2 else absent(x),
+            x.new_empty(n, inter) if keep else absent(x),
+            x.new_empty(n, hidden) if keep and not fused else absent(x))
+
+
+@custom_op("expert_gate_up_backward")
+def _gate_up_backward_op(dh: Tensor, x: Tensor, w1: Sequence[Tensor], routing: Sequence[Tensor],
+                         top_k: int, fused: bool, need_dx: bool, need_dw1: bool,
+                         need_db1: bool, transposed: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """The gate_up projection's backward from ``dh``: ``(dx [T, H], dW1, db1)`` (``dx`` the
+    k rows of each token summed in fp32, cast once)."""
+    r = Routing.from_tensors(routing, top_k)
+    dw1 = _wgrad(x, r.token_index, dh, None, r.offsets, transposed, fused) if need_dw1 \
+        else absent(x)
+    db1 = segment_sum(dh, r.expert_index, r.num_experts, r.offsets).to(dh.dtype) if need_db1 \
+        else absent(x)
+    dx = absent(x)
+    if need_dx:
+        w = assemble(w1, r.num_experts)
+        if fused:  # rows stored at their (token, slot) position, summed in registers
+            from ..kernels.experts import input_grad_rows, sum_slots
+
+            dx = sum_slots(input_grad_rows(dh, w, r), r, x.dtype)
+        else:
+            dx = _gather_sum(grouped_mm(dh, w.transpose(-1, -2), r.offsets), r, x.dtype)
+    return dx, dw1, db1
+
+
+@_gate_up_backward_op.register_fake
+def _(dh, x, w1, routing, top_k, fused, need_dx, need_dw1, need_db1, transposed):
+    e, hidden, two_i = stack_shape(w1, routing[-1].numel(), "experts")
+    return (x.new_empty(x.shape) if need_dx else absent(x),
+            _wgrad_like(x, e, hidden, two_i, transposed) if need_dw1 else absent(x),
+            x.new_empty(e, two_i) if need_db1 else absent(x))
 
 
 def _expert_mlp_setup(ctx, inputs, output):
@@ -318,7 +327,13 @@ def _expert_mlp_setup(ctx, inputs, output):
     ctx.save_for_backward(x, g, b1, b2, output[1] if save_h else None, *routing, *w1, *w2)
 
 
+def _mode(need: bool, deferred) -> int:
+    return WGRAD_SKIP if not need else WGRAD_NOW if deferred is None else WGRAD_DEFER
+
+
 def _expert_mlp_backward(ctx, dout, _):
+    """Two ops: the down projection's backward (``h`` is free once it returns) and the
+    gate_up projection's; deferred weight gradients are queued on their WeightGradStore."""
     x, g, b1, b2, h, *rest = ctx.saved_tensors
     routing, w1, w2 = rest[:6], rest[6:6 + ctx.n1], rest[6 + ctx.n1:]
     need_x, need_g, needs_w1, needs_w2, need_b1, need_b2 = ctx.needs_input_grad[:6]
@@ -329,33 +344,29 @@ def _expert_mlp_backward(ctx, dout, _):
     (t1, t2), (defer_w1, defer_w2) = ctx.transposed, ctx.deferred
     r = Routing.from_tensors(routing, top_k)
     dout = dout.contiguous()
-    saved_h = h is not None
-    if not saved_h:  # save="none": rebuild h
-        h = _gate_up_op(x, w1, b1, routing, top_k, fused)
-    # the fused kernels read dout rows through token_index: no permuted copy
-    dy, dy_rows = (dout, r.token_index) if fused else (dout.index_select(0, r.token_index), None)
-    dh, a_scaled, dg = _down_backward_op(dy, h, g, w2, routing, top_k, ctx.act, fused,
-                                         need_w2, need_g)
-    if saved_h:
+    dw2_mode = _mode(need_w2, defer_w2)
+    dh, dg, dw2, db2, a_scaled, dy = _down_backward_op(
+        dout, x, h, g, w1, b1, w2, b2, routing, top_k, ctx.act, fused, dw2_mode, need_g,
+        need_b2, t2)
+    if h is not None:
         release_saved(h)
     del h
-    dw2 = stack_weight_grad(defer_w2, need_w2, w2, _wgrad_op, a_scaled, None, dy, dy_rows,
-                            r.offsets, t2, fused)
-    del a_scaled
-    db2 = None
-    if b2 is not None and (need_g or need_b2):
-        db2_acc, dprob = _bias_prob_op(dy, g, b2, r.offsets, r.expert_index, dy_rows)
-        db2 = db2_acc.to(b2.dtype) if need_b2 else None
-        dg = dg + dprob if need_g else dg
-    del dy
-    dw1 = stack_weight_grad(defer_w1, need_w1, w1, _wgrad_op, x, r.token_index, dh, None,
-                            r.offsets, t1, fused)
-    db1 = _segment_sum_op(dh, r.expert_index, r.num_experts, r.offsets).to(b1.dtype) \
-        if need_b1 else None
-    dx = _input_grad_op(dh, w1, routing, top_k, fused) if need_x else None
-    return (dx, dg.to(g.dtype) if need_g else None, _masked(dw1, needs_w1),
-            _masked(dw2, needs_w2), db1, db2, [None] * len(routing), None, None, None, None,
-            None, None)
+    if dw2_mode == WGRAD_DEFER:
+        dy, dy_rows = (dout, r.token_index) if fused else (dy, None)
+        stack_weight_grad(defer_w2, True, w2, _wgrad, a_scaled, None, dy, dy_rows, r.offsets,
+                          t2, fused)
+    del a_scaled, dy
+    dw1_mode = _mode(need_w1, defer_w1)
+    dx, dw1, db1 = _gate_up_backward_op(dh, x, w1, routing, top_k, fused, need_x,
+                                        dw1_mode == WGRAD_NOW, need_b1, t1)
+    if dw1_mode == WGRAD_DEFER:
+        stack_weight_grad(defer_w1, True, w1, _wgrad, x, r.token_index, dh, None, r.offsets,
+                          t1, fused)
+    return (dx if need_x else None, dg if need_g else None,
+            _masked(split_grad(dw1, w1) if dw1_mode == WGRAD_NOW else None, needs_w1),
+            _masked(split_grad(dw2, w2) if dw2_mode == WGRAD_NOW else None, needs_w2),
+            db1 if need_b1 else None, db2 if need_b2 else None, [None] * len(routing),
+            None, None, None, None, None, None)
 
 
 def _masked(grads: list | None, needs: list[bool]) -> list:

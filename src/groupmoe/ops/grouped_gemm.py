@@ -14,6 +14,7 @@ products in the same dtype.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -47,11 +48,17 @@ def native_available(*tensors: torch.Tensor) -> bool:
     if t0.dtype not in _NATIVE_DTYPES:
         return False
     if t0.is_cuda:
-        if torch.cuda.get_device_capability(t0.device) < (8, 0):
+        if _capability(t0.device.index) < (8, 0):
             return False
         if t0.dtype == torch.float32:  # CUDA grouped_mm is a bf16/fp16 kernel
             return False
     return all(_aligned(t) for t in tensors)
+
+
+@functools.cache
+def _capability(index: int | None) -> tuple[int, int]:
+    # cached: the query costs microseconds on every grouped GEMM of a step otherwise
+    return torch.cuda.get_device_capability(index)
 
 
 def _note_fallback(reason: str, key: tuple) -> None:

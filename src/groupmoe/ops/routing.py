@@ -57,7 +57,10 @@ def _build_routing_op(expert_ids: torch.Tensor, num_experts: int, check_values: 
         check_id_values(expert_ids, num_experts, "routing")
     top_k = expert_ids.shape[1]
     flat = expert_ids.reshape(-1).long()
-    expert_index, order = torch.sort(flat, stable=True)
+    # a radix sort's passes follow the key's width: int16 keys take a quarter of int64's
+    keys = flat.to(torch.int16) if num_experts <= 2 ** 15 else flat
+    expert_index, order = torch.sort(keys, stable=True)
+    expert_index = expert_index.long()
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
     # scatter_add instead of bincount: no device sync (bincount reads the max back)
