@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # One device call: GPU tests and the benchmarks, results under $OUT. Stages: tests layer
-# layer32k memory wgrad hf qlora kernels triton-bwd peers profile (default: all but kernels,
-# triton-bwd and peers; peers needs liger-kernel's wheel in .whl). Run from the repository root.
+# layer32k memory wgrad hf hf-profile qlora kernels triton-bwd peers profile fsdp (default: all
+# but kernels, triton-bwd, peers and fsdp; peers needs liger-kernel's wheel in .whl, fsdp two
+# GPUs). Run from the repository root.
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
-stages=${*:-tests layer layer32k memory wgrad hf qlora profile}
+stages=${*:-tests layer layer32k memory wgrad hf hf-profile qlora profile}
 if [ -d .whl ]; then  # carried wheels (bitsandbytes) for the QLoRA baseline
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site
@@ -25,7 +26,11 @@ for s in $stages; do
              | grep '^|' ;;
     memory) python3 -m groupmoe.bench.memory --out "$OUT/memory.json" | grep -v '^  ' ;;
     wgrad) python3 -m groupmoe.bench.wgrad_split --out "$OUT/wgrad_split.json" ;;
-    hf) python3 -m groupmoe.bench.hf_e2e --out "$OUT/hf_e2e.json" 2>&1 | grep -v "^{" ;;
+    # eager and every decoder layer compiled, per experts implementation
+    hf) python3 -m groupmoe.bench.hf_e2e --impls grouped_mm groupmoe --out "$OUT/hf_e2e.json" \
+          2>&1 | grep -v "^{" ;;
+    hf-profile) python3 -m groupmoe.bench.hf_e2e --models qwen3-30b-a3b --modes compiled \
+          --profile grouped_mm groupmoe 2>&1 | grep -v "^{" | cut -c1-200 ;;
     qlora) python3 -m groupmoe.bench.qlora --out "$OUT/qlora.json" 2>&1 | tail -11 ;;
     kernels) timeout 540 python3 -m groupmoe.bench.kernels --out "$OUT/kernels.json" 2>&1 \
                | tail -60 ;;
@@ -37,6 +42,10 @@ for s in $stages; do
     peers) LIGER_FUSED_MOE_AUTOTUNE=${LIGER_FUSED_MOE_AUTOTUNE:-0} timeout 240 python3 -m groupmoe \
              bench --shapes qwen3-30b-a3b olmoe-1b-7b mixtral-8x7b --modes train \
              --impls groupmoe liger dense --out "$OUT/peers.json" ;;
+    # FSDP2 on 1 and 2 GPUs (nvidia-h200-x2), eager and compiled, and the link's bandwidth
+    fsdp) torchrun --nproc-per-node 2 -m groupmoe.bench.nccl_bw
+          for c in "" --compile; do python3 -m groupmoe.bench.fsdp_bench --gpus 1 2 $c \
+            --out "$OUT/fsdp${c:+_compiled}.json" | grep '^|'; done ;;
     profile) python3 -m groupmoe.bench.profile --shape qwen3-30b-a3b --impls groupmoe dense \
                --rows 14 2>&1 \
                | awk '/^per step/ {print; next} !/^-----/ {print substr($0, 1, 60) substr($0, 100, 70)}' ;;

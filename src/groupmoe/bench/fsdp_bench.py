@@ -47,7 +47,7 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
 
         mesh = init_device_mesh(device.type, (world,))
         for layer in model.layers:
-            fully_shard(layer, mesh=mesh)
+            fully_shard(layer, mesh=mesh, reshard_after_forward=not args.keep_unsharded)
         fully_shard(model, mesh=mesh)
     set_compiled(model, args.compile)
     g = torch.Generator(device=device).manual_seed(1 + rank)
@@ -65,18 +65,45 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
     ms = median_ms(step, device, warmup=2, repeat=args.repeat)
     # everything this GPU holds at its peak: (sharded) weights, gradients, activations
     peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 if cuda else None
+    if args.profile:  # every rank steps (collectives), rank 0 reports
+        _profile(step, device, report=rank == 0)
     times = [None] * world
     dist.all_gather_object(times, (ms, peak))
     if rank == 0:
         tokens = world * args.batch * args.seq
         slowest = max(t for t, _ in times)
         results.put({"model": args.model, "impl": args.impl, "layers": args.layers,
-                     "gpus": world, "compiled": args.compile, "tokens_per_gpu":
+                     "gpus": world, "compiled": args.compile,
+                     "reshard_after_forward": not args.keep_unsharded, "tokens_per_gpu":
                      args.batch * args.seq, "ms": slowest, "tokens_per_s": tokens / slowest * 1e3,
                      "peak_mib_per_gpu": max((p for _, p in times if p is not None),
                                              default=None)})
     dist.barrier()
     dist.destroy_process_group()
+
+
+def _profile(step, device, report: bool) -> None:
+    """Where one step waits: host syncs and device-to-host copies (they stop the CPU from
+    running ahead, so FSDP cannot issue the next all-gather early), NCCL kernel time against
+    compute kernel time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        step(0)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    if not report:
+        return
+    events = prof.key_averages()
+    waits = [e for e in events if any(k in e.key for k in ("Synchronize", "Memcpy", "item",
+                                                           "_local_scalar_dense"))]
+    for e in waits:
+        print(f"profile: {e.key}: {e.count} calls, {e.cpu_time_total / 1e3:.2f} ms CPU")
+    gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    nccl = sum(e.self_device_time_total for e in gpu if "nccl" in e.key.lower()) / 1e3
+    busy = sum(e.self_device_time_total for e in gpu) / 1e3
+    print(f"profile: kernels {busy:.1f} ms, of which NCCL {nccl:.1f} ms", flush=True)
 
 
 def run(world: int, args) -> dict:
@@ -97,6 +124,11 @@ def main(argv=None) -> None:
     p.add_argument("--gpus", type=int, nargs="+", default=[1, 2])
     p.add_argument("--repeat", type=int, default=10)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--keep-unsharded", action="store_true",
+                   help="reshard_after_forward=False: no second all-gather in backward, the "
+                        "unsharded layers held from forward to backward")
+    p.add_argument("--profile", action="store_true",
+                   help="also print rank 0's host syncs and NCCL vs compute kernel time")
     p.add_argument("--smoke", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
