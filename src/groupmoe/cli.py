@@ -1,4 +1,4 @@
-"""Command line: ``groupmoe demo`` and ``groupmoe bench``."""
+"""Command line: ``groupmoe demo``, ``groupmoe bench`` and ``groupmoe finetune``."""
 
 from __future__ import annotations
 
@@ -15,11 +15,17 @@ def main(argv: list[str] | None = None) -> None:
     from .bench import layer
 
     layer.add_arguments(bench)
+    tune = sub.add_parser("finetune", help="LoRA/QLoRA fine-tuning of a whole MoE model")
+    from .finetune import cli as finetune_cli
+
+    finetune_cli.add_arguments(tune)
     args = parser.parse_args(argv)
     if args.cmd == "demo":
         from .demo import run_demo
 
         run_demo(args.device, args.steps)
+    elif args.cmd == "finetune":
+        raise SystemExit(finetune_cli.main(args))
     else:
         layer.main(args)
 

@@ -18,6 +18,7 @@ import logging
 
 import torch
 
+from ..integrations.transformers import use_experts_implementation as set_impl
 from .layer import environment
 from .profile import back_to_back_ms, kernel_ms
 from .timing import median_ms, peak_extra_bytes
@@ -42,17 +43,6 @@ SMOKE = {k: (c, m, dict(kw, hidden_size=64, intermediate_size=32, num_attention_
          for k, (c, m, kw) in REAL.items()}
 IMPLS = ("eager", "grouped_mm", "batched_mm", "groupmoe")
 MODES = ("eager", "compiled")
-
-
-def set_impl(model, impl: str) -> None:
-    """Switch the model's experts implementation (groupmoe through :func:`groupmoe.patch`)."""
-    import groupmoe
-
-    groupmoe.unpatch(model)
-    if impl == "groupmoe":
-        groupmoe.patch(model)
-    else:
-        model.config._experts_implementation = impl
 
 
 def set_compiled(model, compiled: bool) -> None:

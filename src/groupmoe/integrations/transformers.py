@@ -327,6 +327,17 @@ def unpatch(model: nn.Module) -> None:
     unpatch_modulelist_blocks(model)
 
 
+def use_experts_implementation(model: nn.Module, impl: str) -> PatchReport | None:
+    """Run ``model``'s experts with ``impl``: ``"groupmoe"`` (:func:`patch`, whose report is
+    returned) or one of transformers' own (``"eager"``, ``"grouped_mm"``, ``"batched_mm"``, ...;
+    groupmoe's patch undone first)."""
+    unpatch(model)
+    if impl == IMPL_NAME:
+        return patch(model)
+    model.config._experts_implementation = impl
+    return None
+
+
 @contextlib.contextmanager
 def patched(model: nn.Module):
     """``with groupmoe.patched(model) as report: ...`` patches inside the block only."""

@@ -1,0 +1,214 @@
+"""``groupmoe finetune``: one fine-tuning job with transformers' ``Trainer``, or two of them on
+the same seed and data (``compare``) with both loss curves on one PNG."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+from ..ops.checks import check
+from .configs import model_spec
+from .data import TokenWindows, train_tokenizer
+from .metrics import Metrics, StepClock, optimizer_bytes, plot_losses, static_memory
+from .model import TARGETS, add_lora, attention_4bit_reason, load
+
+IMPLS = ("groupmoe", "grouped_mm", "eager")
+
+
+@dataclass
+class FinetuneConfig:
+    """One job. ``model``: a name of :data:`groupmoe.finetune.MODELS` or a local folder with
+    ``config.json`` (and weights); ``layers`` keeps that many decoder layers (random weights).
+    ``qlora``: NF4 experts (``groupmoe.quantize_experts``; groupmoe only, transformers keeps
+    stacked experts in bf16) and NF4 attention through bitsandbytes where it runs. ``data``:
+    a text or JSONL file, default the Python standard library's source."""
+
+    model: str = "qwen3-30b-a3b"
+    impl: str = "groupmoe"
+    layers: int | None = None
+    qlora: bool = False
+    lora_rank: int = 16
+    lora_alpha: float | None = None
+    lora_targets: tuple[str, ...] = TARGETS
+    seq: int = 2048
+    batch: int = 1
+    grad_accum: int = 1
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    steps: int = 50
+    lr: float = 2e-4
+    seed: int = 0
+    data: str | None = None
+    vocab: int = 8192
+    out: str = "finetune_out"
+    device: str | None = None
+    progress: bool = True
+    extra: dict = field(default_factory=dict)
+
+    def run_dir(self) -> str:
+        name = os.path.basename(os.path.normpath(self.model))
+        return os.path.join(self.out, f"{name}-{self.impl}{'-compiled' if self.compile else ''}")
+
+
+class FinetuneOOM(RuntimeError):
+    """The job ran out of GPU memory; the message says the peak reached and what to lower."""
+
+
+def smoke_config(**overrides) -> FinetuneConfig:
+    """``--smoke``: the tiny model on CPU, a few dozen steps (well under two minutes)."""
+    base = dict(model="tiny", device="cpu", seq=64, batch=2, steps=30, lr=1e-2, lora_rank=4,
+                vocab=512)
+    return FinetuneConfig(**{**base, **overrides})
+
+
+def _device(cfg: FinetuneConfig) -> torch.device:
+    if cfg.device:
+        return torch.device(cfg.device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _check(cfg: FinetuneConfig, spec) -> None:
+    check(cfg.impl in IMPLS, f"--impl must be one of {IMPLS}, got {cfg.impl!r}")
+    limit = getattr(spec.config, "max_position_embeddings", None)
+    check(limit is None or cfg.seq <= limit,
+          f"--seq {cfg.seq} is beyond {spec.name}'s maximum of {limit} positions")
+    check(cfg.seq >= 2 and cfg.batch >= 1 and cfg.grad_accum >= 1 and cfg.steps >= 1,
+          "--seq >= 2, --batch, --grad-accum and --steps >= 1")
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Run one fine-tuning job; returns its metrics (also written to
+    ``<out>/<model>-<impl>/metrics.json`` after every step, with ``loss.png``).
+
+    Raises :class:`FinetuneOOM` when the GPU runs out of memory, after writing the steps done;
+    an interrupt (Ctrl-C) leaves the metrics file valid with ``status: "interrupted"``.
+    """
+    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+
+    spec = model_spec(cfg.model, cfg.layers)
+    _check(cfg, spec)
+    device = _device(cfg)
+
+    def say(message: str) -> None:
+        if cfg.progress:
+            print(f"groupmoe finetune [{cfg.impl}]: {message}", flush=True)
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    run_dir = cfg.run_dir()
+    os.makedirs(run_dir, exist_ok=True)
+    set_seed(cfg.seed)
+    say("tokenizer and data")
+    tokenizer = train_tokenizer(cfg.data, min(cfg.vocab, spec.config.vocab_size),
+                                os.path.join(cfg.out, f"tokenizer-{cfg.vocab}.json"))
+    windows = TokenWindows(cfg.data, tokenizer, cfg.seq, cfg.steps * cfg.batch * cfg.grad_accum)
+    say(f"building {spec.name} ({spec.config.num_hidden_layers} layers) on {device}")
+    notes = []
+    why_bf16 = attention_4bit_reason(device) if cfg.qlora else None
+    if why_bf16:
+        notes.append(why_bf16)
+    model = load(spec, device, dtype, attention_4bit=cfg.qlora and why_bf16 is None)
+    if cfg.qlora and cfg.impl == "groupmoe":
+        from ..integrations import quantize_experts
+
+        say("quantizing the experts to NF4")
+        notes.append(str(quantize_experts(model)))
+    elif cfg.qlora:
+        notes.append("experts kept in the compute dtype: transformers' own experts "
+                     "implementations run stacked experts unquantized")
+    model = add_lora(model, cfg.lora_rank, tuple(cfg.lora_targets), cfg.lora_alpha)
+    from ..integrations import use_experts_implementation
+
+    report = use_experts_implementation(model, cfg.impl)
+    if report is not None:
+        notes.append(str(report))
+    metrics = Metrics(os.path.join(run_dir, "metrics.json"), {
+        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"},
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "notes": notes,
+        "tokens_per_step": cfg.batch * cfg.grad_accum * cfg.seq,
+        "static_memory_mib": {k: v / 2 ** 20 for k, v in static_memory(model).items()},
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)})
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    clock, tokens = StepClock(device), metrics.data["tokens_per_step"]
+
+    class Recorder(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            clock.start()
+
+        def on_step_end(self, args, state, control, **kw):
+            dt = clock.lap()
+            peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 \
+                if device.type == "cuda" else None
+            metrics.step(state.global_step, seconds=dt, tokens_per_s=tokens / dt, peak_mib=peak)
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                metrics.step(state.global_step, loss=float(logs["loss"]))
+
+    # transformers 5.2x renamed gradient_checkpointing; 5.17 knows only the old name
+    ckpt = "activation_checkpointing" if "activation_checkpointing" in \
+        TrainingArguments.__dataclass_fields__ else "gradient_checkpointing"
+    args = TrainingArguments(
+        output_dir=run_dir, per_device_train_batch_size=cfg.batch,
+        gradient_accumulation_steps=cfg.grad_accum, max_steps=cfg.steps, learning_rate=cfg.lr,
+        lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+        bf16=dtype == torch.bfloat16, use_cpu=device.type == "cpu", seed=cfg.seed,
+        **{ckpt: cfg.gradient_checkpointing, f"{ckpt}_kwargs": {"use_reentrant": False}},
+        torch_compile=cfg.compile, dataloader_num_workers=0, disable_tqdm=not cfg.progress,
+        remove_unused_columns=False, **cfg.extra)
+    trainer = Trainer(model=model, args=args, train_dataset=windows, callbacks=[Recorder()])
+    say(f"training {cfg.steps} steps of {metrics.data['tokens_per_step']} tokens")
+    try:
+        trainer.train()
+    except torch.OutOfMemoryError:
+        done = len(metrics.data["steps"])
+        reached = ""
+        if device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(device) / 2 ** 30
+            total = torch.cuda.get_device_properties(device).total_memory / 2 ** 30
+            reached = f": the peak reached {peak:.1f} GiB of {total:.1f} GiB"
+        message = (f"out of memory after {done} step(s){reached}; lower --seq or --batch "
+                   f"(--grad-accum keeps the tokens per step), add --gradient-checkpointing or "
+                   f"--qlora, or train fewer --lora-targets")
+        metrics.update(status="out of memory", error=message)
+        raise FinetuneOOM(message) from None
+    except KeyboardInterrupt:
+        metrics.update(status="interrupted", **metrics.summary())
+        raise
+    metrics.update(status="done", optimizer_state_mib=optimizer_bytes(trainer.optimizer) / 2 ** 20,
+                   **metrics.summary())
+    curve = [(r["step"], r["loss"]) for r in metrics.data["steps"] if "loss" in r]
+    plot_losses({cfg.impl: curve}, os.path.join(run_dir, "loss.png"),
+                f"{cfg.model}, {cfg.impl}{', QLoRA' if cfg.qlora else ''}: training loss")
+    result = metrics.data
+    del trainer, model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def compare(cfg: FinetuneConfig, impls: tuple[str, str] = ("groupmoe", "grouped_mm")) -> dict:
+    """The same job (seed, data, steps) with two experts implementations; both loss curves on
+    ``<out>/compare.png`` with the largest per-step loss difference, and ``compare.json``."""
+    from .metrics import write_json
+
+    runs = {impl: finetune(dataclasses.replace(cfg, impl=impl)) for impl in impls}
+    curves = {impl: [(r["step"], r["loss"]) for r in run["steps"] if "loss" in r]
+              for impl, run in runs.items()}
+    a, b = (dict(curves[i]) for i in impls)
+    diffs = [abs(a[s] - b[s]) for s in a.keys() & b.keys()]
+    max_diff = max(diffs) if diffs else None
+    title = (f"{cfg.model}: {impls[0]} vs {impls[1]}, max |loss difference| "
+             f"{max_diff:.2e}" if max_diff is not None else f"{cfg.model}")
+    png = plot_losses(curves, os.path.join(cfg.out, "compare.png"), title)
+    result = {"impls": list(impls), "max_abs_loss_diff": max_diff, "png": png,
+              "runs": {i: {k: v for k, v in run.items() if k != "steps"}
+                       for i, run in runs.items()}, "curves": curves}
+    write_json(os.path.join(cfg.out, "compare.json"), result)
+    return result

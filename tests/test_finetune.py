@@ -1,0 +1,126 @@
+"""``groupmoe finetune`` on CPU: the smoke job (the README's command), --compare, data files,
+bad input, and what an interrupted or out-of-memory run leaves behind."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytest.importorskip("accelerate")
+
+from groupmoe.finetune import FinetuneConfig, FinetuneOOM, finetune, smoke_config  # noqa: E402
+from groupmoe.finetune.data import TokenWindows, file_texts, train_tokenizer  # noqa: E402
+
+
+def _run(tmp_path, **kw):
+    return finetune(smoke_config(out=str(tmp_path), progress=False, **kw))
+
+
+def test_smoke_job_writes_metrics_and_plot(tmp_path):
+    run = _run(tmp_path, steps=8)
+    path = tmp_path / "tiny-groupmoe" / "metrics.json"
+    saved = json.loads(path.read_text())
+    assert saved["status"] == "done" and saved["steps_done"] == 8
+    assert [r["step"] for r in saved["steps"]] == list(range(1, 9))
+    assert all(r["tokens_per_s"] > 0 and r["loss"] > 0 for r in saved["steps"])
+    assert saved["tokens_per_step"] == 2 * 64 and run["final_loss"] == saved["steps"][-1]["loss"]
+    assert any("patched 2 experts" in n for n in saved["notes"])
+    memory = saved["static_memory_mib"]
+    assert {"experts", "attention", "LoRA adapters", "embeddings and LM head"} <= memory.keys()
+    assert saved["trainable_params"] > 0 and saved["optimizer_state_mib"] > 0
+    assert (tmp_path / "tiny-groupmoe" / "loss.png").stat().st_size > 1000
+
+
+def test_cli_compare_plots_both_curves(tmp_path):
+    """The README's command: groupmoe and transformers' grouped_mm on the same seed and data,
+    equal to fp32 rounding on CPU."""
+    out = subprocess.run([sys.executable, "-m", "groupmoe", "finetune", "--smoke", "--compare",
+                          "grouped_mm", "--out", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads((tmp_path / "compare.json").read_text())
+    assert result["impls"] == ["groupmoe", "grouped_mm"]
+    assert result["max_abs_loss_diff"] < 1e-4
+    assert len(result["curves"]["groupmoe"]) == len(result["curves"]["grouped_mm"]) == 30
+    first, last = result["curves"]["groupmoe"][0][1], result["curves"]["groupmoe"][-1][1]
+    assert last < first  # it learns
+    assert (tmp_path / "compare.png").stat().st_size > 1000
+    assert "tokens/s" in out.stdout
+
+
+def test_qlora_and_gradient_checkpointing_on_cpu(tmp_path):
+    run = _run(tmp_path, steps=3, qlora=True, gradient_checkpointing=True,
+               lora_targets=("experts",))
+    assert run["status"] == "done"
+    assert any("quantized 2 experts module(s) to NF4" in n for n in run["notes"])
+    assert any("attention kept in the compute dtype" in n for n in run["notes"])
+    assert "experts (4-bit)" in run["static_memory_mib"]
+
+
+@pytest.mark.parametrize("kind", ["txt", "jsonl"])
+def test_data_file(tmp_path, kind):
+    text = "def add(a, b):\n    return a + b\n" * 200
+    path = tmp_path / f"data.{kind}"
+    if kind == "txt":
+        path.write_text(text)
+    else:
+        path.write_text("\n".join(json.dumps({"id": i, "text": text[:400]}) for i in range(20)))
+    tok = train_tokenizer(str(path), 300, str(tmp_path / "tok.json"))
+    windows = TokenWindows(str(path), tok, 16, 50)  # more than the file holds: it cycles
+    assert windows.windows.shape == (50, 16) and int(windows.windows.max()) < 300
+    run = _run(tmp_path, steps=2, data=str(path))
+    assert run["status"] == "done"
+
+
+def test_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="unknown model 'qwen9'"):
+        finetune(FinetuneConfig(model="qwen9", out=str(tmp_path)))
+    with pytest.raises(ValueError, match="beyond tiny's maximum of 1024"):
+        _run(tmp_path, seq=4096)
+    with pytest.raises(ValueError, match="--layers 5: tiny has 2"):
+        _run(tmp_path, layers=5)
+    with pytest.raises(ValueError, match="no such file"):
+        list(file_texts(str(tmp_path / "missing.txt")))
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\nnot json\n')
+    with pytest.raises(ValueError, match="line 2 is not JSON"):
+        list(file_texts(str(bad)))
+    import transformers
+
+    dense = tmp_path / "dense"
+    transformers.LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64,
+                             num_hidden_layers=1, num_attention_heads=4).save_pretrained(dense)
+    with pytest.raises(ValueError, match="has no MoE layers"):
+        _run(tmp_path, model=str(dense))
+
+
+class _StopAfter:
+    def __init__(self, steps, error):
+        self.steps, self.error = steps, error
+
+    def __call__(self, metrics_step):
+        def step(self_, step, **values):
+            metrics_step(self_, step, **values)
+            if step >= self.steps and "loss" in values:
+                raise self.error
+        return step
+
+
+@pytest.mark.parametrize("error,status", [(KeyboardInterrupt(), "interrupted"),
+                                          (torch.OutOfMemoryError("CUDA out of memory"),
+                                           "out of memory")])
+def test_interrupted_or_out_of_memory_run_leaves_valid_metrics(tmp_path, monkeypatch, error,
+                                                               status):
+    from groupmoe.finetune import metrics
+
+    monkeypatch.setattr(metrics.Metrics, "step", _StopAfter(3, error)(metrics.Metrics.step))
+    expected = KeyboardInterrupt if status == "interrupted" else FinetuneOOM
+    with pytest.raises(expected) as err:
+        _run(tmp_path, steps=10)
+    saved = json.loads((tmp_path / "tiny-groupmoe" / "metrics.json").read_text())
+    assert saved["status"] == status and len(saved["steps"]) == 3
+    if status == "out of memory":
+        assert "after 3 step(s)" in str(err.value) and "--gradient-checkpointing" in saved["error"]
