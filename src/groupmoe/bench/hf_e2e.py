@@ -18,24 +18,19 @@ import logging
 
 import torch
 
+from ..finetune.configs import MODELS
 from ..integrations.transformers import use_experts_implementation as set_impl
 from .layer import environment
 from .profile import back_to_back_ms, kernel_ms
 from .timing import median_ms, peak_extra_bytes
 
-REAL = {
-    "qwen3-30b-a3b": ("Qwen3MoeConfig", "Qwen3MoeModel", dict(
-        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
-        num_experts_per_tok=8, norm_topk_prob=True, num_attention_heads=32,
-        num_key_value_heads=4, head_dim=128, vocab_size=1024)),
-    "gpt-oss-20b": ("GptOssConfig", "GptOssModel", dict(
-        hidden_size=2880, intermediate_size=2880, num_local_experts=32, num_experts_per_tok=4,
-        num_attention_heads=64, num_key_value_heads=8, head_dim=64, sliding_window=128,
-        vocab_size=1024)),
-    "mixtral-8x7b": ("MixtralConfig", "MixtralModel", dict(
-        hidden_size=4096, intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2,
-        num_attention_heads=32, num_key_value_heads=8, vocab_size=1024)),
-}
+# the real configs of groupmoe finetune, with a small vocabulary (embedding and LM head are
+# left out of the step)
+_BASE_MODELS = {"Qwen3MoeConfig": "Qwen3MoeModel", "GptOssConfig": "GptOssModel",
+                "MixtralConfig": "MixtralModel"}
+REAL = {name: (MODELS[name][0], _BASE_MODELS[MODELS[name][0]],
+               dict(MODELS[name][1], vocab_size=1024))
+        for name in ("qwen3-30b-a3b", "gpt-oss-20b", "mixtral-8x7b")}
 SMOKE = {k: (c, m, dict(kw, hidden_size=64, intermediate_size=32, num_attention_heads=4,
                         num_key_value_heads=2, head_dim=16,
                         **({"moe_intermediate_size": 16} if "moe_intermediate_size" in kw
@@ -60,10 +55,10 @@ def build(name: str, layers: int, smoke: bool, device, dtype):
     import transformers
 
     cfg_name, model_name, kw = (SMOKE if smoke else REAL)[name]
-    cfg = getattr(transformers, cfg_name)(num_hidden_layers=layers, **kw)
-    if "GptOss" in cfg_name:
-        cfg.layer_types = ["sliding_attention", "full_attention"] * (layers // 2) + \
-            ["sliding_attention"] * (layers % 2)
+    kw = dict(kw, num_hidden_layers=layers)
+    if "layer_types" in kw:  # gpt-oss alternates sliding and full attention
+        kw["layer_types"] = (kw["layer_types"] * layers)[:layers]
+    cfg = getattr(transformers, cfg_name)(**kw)
     cfg._experts_implementation = "eager"
     torch.manual_seed(0)
     with torch.device(device):
