@@ -91,6 +91,23 @@ def run(case: Case, impl: str, save="h", upstream=None):
     return out.detach(), grads, upstream
 
 
+def compiled_and_eager(compiled, module, x, loss):
+    """Forward + backward of ``compiled`` and then of ``module`` on copies of ``x``; for each,
+    the output (its first element when a tuple) and every gradient (the module's parameters and
+    ``"input"``)."""
+    results = []
+    for fn in (compiled, module):
+        module.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        result = fn(xi)
+        loss(result).backward()
+        grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+        grads["input"] = xi.grad.clone()
+        out = result[0] if isinstance(result, tuple) else result
+        results.append((out.detach(), grads))
+    return results
+
+
 def rel_err(a, b):
     a, b = a.detach().double(), b.detach().double()
     return float((a - b).norm() / b.norm().clamp_min(1e-30))

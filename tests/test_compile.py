@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import groupmoe
-from moe_cases import rel_err
+from moe_cases import compiled_and_eager, rel_err
 
 
 def counting_backend(backend="inductor"):
@@ -58,16 +58,11 @@ def test_moe_block(name):
         assert explained.graph_break_count == 0, explained.break_reasons
     compiled, graphs = compile_counting(block)
     for t in (11, 16, 27):
-        x = torch.randn(2, t, 24)
-        results = []
-        for fn in (compiled, block):
-            block.zero_grad(set_to_none=True)
-            xi = x.clone().requires_grad_(True)
-            out, logits = fn(xi)
-            (out.square().sum() + logits.logsumexp(-1).sum()).backward()
-            results.append((out.detach(), _grads(block, xi)))
-        assert rel_err(results[0][0], results[1][0]) < 1e-6
-        _assert_close(results[0][1], results[1][1])
+        got, want = compiled_and_eager(
+            compiled, block, torch.randn(2, t, 24),
+            lambda r: r[0].square().sum() + r[1].logsumexp(-1).sum())
+        assert rel_err(got[0], want[0]) < 1e-6
+        _assert_close(got[1], want[1])
     assert len(graphs) == 1  # one graph for every token count
 
 
@@ -123,16 +118,10 @@ def test_modulelist_blocks_keep_no_stacked_weights():
         groupmoe.patch(model)
         compiled, graphs = compile_counting(model)
         for t in (5, 9):
-            x = torch.randn(2, t, 16)
-            results = []
-            for fn in (compiled, model):
-                model.zero_grad(set_to_none=True)
-                xi = x.clone().requires_grad_(True)
-                out = fn(xi)[0]
-                out.square().sum().backward()
-                results.append((out.detach(), _grads(model, xi)))
-            assert rel_err(results[0][0], results[1][0]) < 1e-6
-            _assert_close(*(r[1] for r in results))
+            got, want = compiled_and_eager(compiled, model, torch.randn(2, t, 16),
+                                           lambda r: r[0].square().sum())
+            assert rel_err(got[0], want[0]) < 1e-6
+            _assert_close(got[1], want[1])
         assert len(graphs) == 1
         saved = _saved_by(compiled, torch.randn(2, 7, 16, requires_grad=True))
         assert saved and not any(t.dim() == 3 and t.shape[0] == 6 for t in saved)
@@ -242,14 +231,9 @@ def test_cuda_bf16_compiled_matches_eager(backend, monkeypatch):
                               dtype=torch.bfloat16)
     compiled, graphs = compile_counting(block)
     for t in (200, 333):
-        x = torch.randn(t, 256, device="cuda", dtype=torch.bfloat16)
-        results = []
-        for fn in (compiled, block):
-            block.zero_grad(set_to_none=True)
-            xi = x.clone().requires_grad_(True)
-            out, _ = fn(xi)
-            out.float().square().sum().backward()
-            results.append((out.detach(), _grads(block, xi)))
-        assert rel_err(results[0][0], results[1][0]) < 2e-2
-        _assert_close(results[0][1], results[1][1], tol=3e-2)
+        got, want = compiled_and_eager(
+            compiled, block, torch.randn(t, 256, device="cuda", dtype=torch.bfloat16),
+            lambda r: r[0].float().square().sum())
+        assert rel_err(got[0], want[0]) < 2e-2
+        _assert_close(got[1], want[1], tol=3e-2)
     assert len(graphs) == 1

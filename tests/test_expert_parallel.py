@@ -21,7 +21,7 @@ from groupmoe.parallel import (
     local_expert_range,
     shard_expert_tensor,
 )
-from moe_cases import make_case, rel_err, run
+from moe_cases import compiled_and_eager, make_case, rel_err, run
 
 # (tokens per rank, H, I, E, k, load, activation, bias, impl, save)
 CASES = {
@@ -150,16 +150,12 @@ def _check_compiled(rank, world):
     block.experts = ExpertParallel.from_experts(block.experts)
     torch._dynamo.reset()
     compiled = torch.compile(block, backend="aot_eager")
-    x = torch.randn(4 + rank, 8, dtype=torch.float64)
-    results = []
-    for fn in (compiled, block):
-        block.zero_grad(set_to_none=True)
-        xi = x.clone().requires_grad_(True)
-        out = fn(xi)[0]
-        out.square().sum().backward()
-        results.append([out.detach(), xi.grad] + [p.grad for p in block.parameters()])
-    for got, want in zip(*results):
-        assert rel_err(got, want) < TOL
+    got, want = compiled_and_eager(compiled, block, torch.randn(4 + rank, 8, dtype=torch.float64),
+                                   lambda r: r[0].square().sum())
+    assert rel_err(got[0], want[0]) < TOL
+    assert got[1].keys() == want[1].keys() == {"input", *dict(block.named_parameters())}
+    for name in want[1]:
+        assert rel_err(got[1][name], want[1][name]) < TOL, name
 
 
 def _expect_error(match, fn):

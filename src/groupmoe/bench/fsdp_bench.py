@@ -20,7 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from .hf_e2e import REAL, build, set_compiled, set_impl
+from ..integrations.transformers import use_experts_implementation
+from .hf_e2e import REAL, build, set_compiled
 from .layer import environment
 from .timing import median_ms
 
@@ -40,7 +41,7 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     dtype = torch.bfloat16 if cuda else torch.float32
     model = build(args.model, args.layers, args.smoke, device, dtype)
-    set_impl(model, args.impl)
+    use_experts_implementation(model, args.impl)
     if world > 1:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard

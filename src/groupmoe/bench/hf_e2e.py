@@ -19,7 +19,7 @@ import logging
 import torch
 
 from ..finetune.configs import MODELS
-from ..integrations.transformers import use_experts_implementation as set_impl
+from ..integrations.transformers import use_experts_implementation
 from .layer import environment
 from .profile import back_to_back_ms, kernel_ms
 from .timing import median_ms, peak_extra_bytes
@@ -79,7 +79,7 @@ def bench_model(name, layers, batch, seq, smoke, device, dtype, repeat, modes=MO
         for impl in impls:
             if mode == "compiled" and impl == "eager":
                 continue
-            set_impl(model, impl)
+            use_experts_implementation(model, impl)
             set_compiled(model, mode == "compiled")
 
             def step(it, model=model):
@@ -104,7 +104,7 @@ def bench_model(name, layers, batch, seq, smoke, device, dtype, repeat, modes=MO
             rows.append(row)
             log(row)
     set_compiled(model, False)
-    set_impl(model, "eager")
+    use_experts_implementation(model, "eager")
     return rows
 
 
@@ -114,7 +114,7 @@ def profile_impl(name, impl, layers, batch, seq, smoke, device, dtype, rows=20,
     from torch.profiler import ProfilerActivity, profile
 
     model = build(name, layers, smoke, device, dtype)
-    set_impl(model, impl)
+    use_experts_implementation(model, impl)
     set_compiled(model, compiled)
     x = torch.randn(batch, seq, model.config.hidden_size, device=device, dtype=dtype,
                     requires_grad=True)

@@ -54,8 +54,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = config_from(args)
     try:
         if args.compare:
-            check_differs = args.compare != cfg.impl
-            if not check_differs:
+            if args.compare == cfg.impl:
                 print(f"--compare {args.compare}: pick another implementation than --impl")
                 return 2
             result = compare(cfg, (cfg.impl, args.compare))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,7 +47,6 @@ class FinetuneConfig:
     out: str = "finetune_out"
     device: str | None = None
     progress: bool = True
-    extra: dict = field(default_factory=dict)
 
     def run_dir(self) -> str:
         name = os.path.basename(os.path.normpath(self.model))
@@ -126,7 +125,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if report is not None:
         notes.append(str(report))
     metrics = Metrics(os.path.join(run_dir, "metrics.json"), {
-        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "extra"},
+        "config": dataclasses.asdict(cfg),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "notes": notes,
         "tokens_per_step": cfg.batch * cfg.grad_accum * cfg.seq,
@@ -160,7 +159,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         bf16=dtype == torch.bfloat16, use_cpu=device.type == "cpu", seed=cfg.seed,
         **{ckpt: cfg.gradient_checkpointing, f"{ckpt}_kwargs": {"use_reentrant": False}},
         torch_compile=cfg.compile, dataloader_num_workers=0, disable_tqdm=not cfg.progress,
-        remove_unused_columns=False, **cfg.extra)
+        remove_unused_columns=False)
     trainer = Trainer(model=model, args=args, train_dataset=windows, callbacks=[Recorder()])
     say(f"training {cfg.steps} steps of {metrics.data['tokens_per_step']} tokens")
     try:

@@ -143,7 +143,7 @@ class ExpertLoRAModule(nn.Module):
                  alpha: float | None = None, targets: tuple[str, ...] = ("gate_up", "down"),
                  device=None, dtype=None):
         super().__init__()
-        check(rank >= 1, lambda: f"ExpertLoRAModule: rank must be >= 1, got {rank}")
+        check(rank >= 1, f"ExpertLoRAModule: rank must be >= 1, got {rank}")
         check(set(targets) <= {"gate_up", "down"} and len(targets) > 0,
               f"ExpertLoRAModule: targets must be a subset of ('gate_up', 'down'), got {targets}")
         self.scale = (alpha if alpha is not None else rank) / rank

@@ -30,7 +30,7 @@ from .activations import (
 from .backend import Backend, resolve_backend, use_triton
 from .checks import check, check_same_device, check_same_dtype
 from .dtypes import accum_dtype, to_accum
-from .grouped_gemm import grouped_mm, grouped_wgrad_in_layout, segment_sum
+from .grouped_gemm import grouped_mm, grouped_wgrad_in_layout, segment_sum, wgrad_like
 from .grouped_linear import grouped_linear
 from .library import absent, custom_op, release_saved
 from .routing import Routing, combine
@@ -215,10 +215,6 @@ def _wgrad(a: Tensor, a_rows: Tensor | None, dy: Tensor, dy_rows: Tensor | None,
     return grouped_wgrad_in_layout(a, dy, offsets, transposed)
 
 
-def _wgrad_like(a: Tensor, e: int, k: int, n: int, transposed: bool) -> Tensor:
-    return a.new_empty(e, n, k).transpose(-1, -2) if transposed else a.new_empty(e, k, n)
-
-
 # what the backward does with a weight gradient: nothing, compute it, or leave it to a
 # WeightGradStore (the op then returns what the store's closure needs)
 WGRAD_SKIP, WGRAD_NOW, WGRAD_DEFER = 0, 1, 2
@@ -279,7 +275,7 @@ def _(dout, x, h, g, w1, b1, w2, b2, routing, top_k, act, fused, dw2_mode, need_
     keep = dw2_mode == WGRAD_DEFER
     return (x.new_empty(n, 2 * inter),
             g.new_empty(n) if need_dg else absent(x),
-            _wgrad_like(x, e, inter, hidden, transposed) if dw2_mode == WGRAD_NOW
+            wgrad_like(x, e, inter, hidden, transposed) if dw2_mode == WGRAD_NOW
             else absent(x),
             b2.new_empty(b2.shape) if b2 is not None and need_db2 else absent(x),
             x.new_empty(n, inter) if keep else absent(x),
@@ -313,7 +309,7 @@ def _gate_up_backward_op(dh: Tensor, x: Tensor, w1: Sequence[Tensor], routing: S
 def _(dh, x, w1, routing, top_k, fused, need_dx, need_dw1, need_db1, transposed):
     e, hidden, two_i = stack_shape(w1, routing[-1].numel(), "experts")
     return (x.new_empty(x.shape) if need_dx else absent(x),
-            _wgrad_like(x, e, hidden, two_i, transposed) if need_dw1 else absent(x),
+            wgrad_like(x, e, hidden, two_i, transposed) if need_dw1 else absent(x),
             x.new_empty(e, two_i) if need_db1 else absent(x))
 
 

@@ -126,6 +126,15 @@ def grouped_wgrad_in_layout(a: torch.Tensor, dy: torch.Tensor, offs: torch.Tenso
     return grouped_mm_wgrad(a, dy, offs)
 
 
+def wgrad_like(like: torch.Tensor, groups: int, k: int, n: int, transposed: bool
+               ) -> torch.Tensor:
+    """An empty ``[G, K, N]`` in the layout :func:`grouped_wgrad_in_layout` returns (what the
+    custom ops' fakes give)."""
+    if transposed:
+        return like.new_empty(groups, n, k).transpose(-1, -2)
+    return like.new_empty(groups, k, n)
+
+
 def segment_sum(x: torch.Tensor, group_index: torch.Tensor, groups: int,
                 offsets: torch.Tensor | None = None) -> torch.Tensor:
     """Sum rows of ``x`` per group in fp32: the bias gradient of ``bias[group_index]``.

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 
 from .checks import check
-from .grouped_gemm import grouped_mm, grouped_wgrad_in_layout, segment_sum
+from .grouped_gemm import grouped_mm, grouped_wgrad_in_layout, segment_sum, wgrad_like
 from .library import custom_op
 from .stacks import Stack, as_list, assemble, is_transposed, stack_shape
 from .wgrad import defer_stack, deferred_of, stack_weight_grad
@@ -36,8 +36,7 @@ def _grouped_wgrad_op(x: Tensor, dy: Tensor, offsets: Tensor, transposed: bool) 
 
 @_grouped_wgrad_op.register_fake
 def _(x, dy, offsets, transposed):
-    e, k, n = offsets.numel(), x.shape[1], dy.shape[1]
-    return x.new_empty(e, n, k).transpose(-1, -2) if transposed else x.new_empty(e, k, n)
+    return wgrad_like(x, offsets.numel(), x.shape[1], dy.shape[1], transposed)
 
 
 def _setup(ctx, inputs, output):

@@ -36,7 +36,7 @@ def stack_shape(ws: Sequence[torch.Tensor], num_experts: int, where: str) -> tup
     check(all(w.dim() == 2 for w in ws), f"{where}: per-expert weights must be 2-D [out, in]")
     outs = [w.shape[0] for w in ws[:per]]
     check(all(list(w.shape) == [outs[i % per], ws[0].shape[1]] for i, w in enumerate(ws)),
-          lambda: f"{where}: per-expert weights differ in shape across experts")
+          f"{where}: per-expert weights differ in shape across experts")
     return (num_experts, ws[0].shape[1], sum(outs))
 
 

@@ -114,13 +114,10 @@ def stack_weight_grad(deferred: DeferredWeight | None, needed: bool, ws: list[to
                       fn: Callable[..., torch.Tensor], *args: Any) -> list | None:
     """:func:`weight_grad` for a stack in list form: ``fn(*args)`` is the gradient of the
     assembled stack; returns (or queues) one gradient per list entry."""
-    if not needed:
-        return None
-    if deferred is not None:
-        if torch._C._will_engine_execute_node(deferred.node):
-            deferred.store.put(deferred.weight, partial(_trained_grads, ws, fn, args))
-        return None
-    return split_grad(fn(*args), ws)
+    if deferred is not None:  # the store gets the trained entries' gradients
+        return weight_grad(deferred, needed, _trained_grads, ws, fn, args)
+    dw = weight_grad(None, needed, fn, *args)
+    return None if dw is None else split_grad(dw, ws)
 
 
 def _trained_grads(ws, fn, args):
