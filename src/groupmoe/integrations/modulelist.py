@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..lora.experts import ExpertLoRA, concat_outputs, expert_mlp_lora
+from ..lora.experts import expert_mlp_lora
+from ..lora.factors import ExpertLoRA, concat_outputs
 from ..lora.peft import lora_factors_from_linears
 from ..ops.activations import SwiGLU
 from ..ops.experts import expert_mlp

@@ -13,8 +13,9 @@ deterministic combine needs whole.
 
 The base weights come from a :class:`ChunkedWeights`: the name of a registered weight source
 (:func:`register_weight_source`; groupmoe.quant registers ``"nf4"``), its tensors and integer
-metadata, so the ops take tensors and numbers only and torch.compile sees two opaque nodes. The
-chunk plan reads the group ends back once per call (inside the ops).
+metadata, so the ops take tensors and numbers only and torch.compile sees two opaque nodes. With
+several chunks the plan reads the group ends back once per call (inside the ops); one chunk
+(all experts) reads nothing back.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ..ops.experts import SaveMode, _gather_sum, bias_prob_grads_rows
 from ..ops.grouped_gemm import grouped_mm, grouped_mm_wgrad, segment_sum
 from ..ops.library import absent, custom_op
 from ..ops.routing import Routing
-from .experts import ExpertLoRA
+from .factors import ExpertLoRA
 
 Tensor = torch.Tensor
 # (tensors, meta, e0, e1, dtype) -> frozen weights of experts [e0, e1), [n, in, out]
@@ -87,12 +88,16 @@ class Chunk:
 
 def plan_chunks(routing: Routing, experts_per_chunk: int) -> list[Chunk]:
     """Split the experts into ranges of at most ``experts_per_chunk`` (balanced), skipping
-    ranges without rows. One host sync (the group ends)."""
+    ranges without rows. Several ranges cost one host sync (the group ends are read back to
+    slice the rows); one range (``experts_per_chunk >= E``) costs none."""
     check(experts_per_chunk >= 1,
           lambda: f"plan_chunks: experts_per_chunk must be >= 1, got {experts_per_chunk}")
     e = routing.num_experts
     n = -(-e // experts_per_chunk)
-    per = -(-e // n) if n else 0
+    if n <= 1:  # all rows, sizes from shapes only: nothing read back
+        rows = routing.num_rows
+        return [Chunk(0, e, 0, rows, routing.offsets)] if rows and e else []
+    per = -(-e // n)
     ends = routing.offsets.tolist()
     chunks = []
     for e0 in range(0, e, max(per, 1)):
@@ -317,8 +322,10 @@ def _backward(ctx, dout, *_):
                                  per, b1, b2, a1, lb1, a2, lb2, h, u, v, routing, top_k, act,
                                  s1, s2, needs)
     dx, dg, *opt = (d if n else None for d, n in zip(grads, needs))
-    return (dx, dg, [None] * ctx.n1, None, None, None, [None] * ctx.n2, None, None, None, None,
-            *opt, [None] * 6, None, None, None, None, None)
+    # an empty int list (the dense source's meta) is a list to the op's pytree, not a leaf
+    return (dx, dg, [None] * ctx.n1, [] if not w1m else None, None, None, [None] * ctx.n2,
+            [] if not w2m else None, None, None, None, *opt, [None] * 6, None, None, None, None,
+            None)
 
 
 _chunked_forward_op.register_autograd(_backward, setup_context=_setup)

@@ -8,8 +8,6 @@ get gradients through autograd over :func:`~groupmoe.ops.grouped_linear`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
@@ -19,72 +17,8 @@ from ..ops.experts import check_expert_args, gather_sum
 from ..ops.grouped_linear import grouped_linear
 from ..ops.routing import Routing
 from ..ops.stacks import Stack, as_list, stack_shape
-
-
-@dataclass
-class LoRAFactors:
-    """One projection's adapter: ``delta_e = scale * a[e] @ b[e]`` in ``[E, in, out]`` layout.
-
-    ``a [E, in, r]``, ``b [E, r, out]``; several adapters add up by concatenating along ``r``.
-    """
-
-    a: torch.Tensor
-    b: torch.Tensor
-    scale: float = 1.0
-
-    def delta(self) -> torch.Tensor:
-        """The dense ``[E, in, out]`` delta (for tests and merging only)."""
-        return torch.bmm(self.a, self.b) * self.scale
-
-    def check(self, num_experts: int, d_in: int, d_out: int, where: str) -> None:
-        a, b = self.a, self.b
-        check(a.dim() == 3 and b.dim() == 3 and a.shape[2] == b.shape[1],
-              lambda: f"{where}: LoRA factors must be a [E, in, r] and b [E, r, out], got "
-              f"{tuple(a.shape)} and {tuple(b.shape)}")
-        check(a.shape[:2] == (num_experts, d_in) and (b.shape[0], b.shape[2]) == (num_experts,
-                                                                                 d_out),
-              lambda: f"{where}: LoRA factors must be [{num_experts}, {d_in}, r] and "
-              f"[{num_experts}, r, {d_out}], got {tuple(a.shape)} and {tuple(b.shape)}")
-
-
-def concat_outputs(parts: list[tuple[LoRAFactors | None, int]]) -> LoRAFactors | None:
-    """One adapter for projections whose outputs are concatenated (gate and up into gate_up):
-    ``parts`` lists each projection's factors (or ``None``) and output width in order.
-
-    Exact: ``x [A_1 .. A_n] blockdiag(s_1 B_1, .., s_n B_n)`` is the concatenation of the
-    ``s_i x A_i B_i`` (zero columns where a projection has no adapter); scales stay outside
-    when they are all equal.
-    """
-    present = [i for i, (f, _) in enumerate(parts) if f is not None]
-    if not present:
-        return None
-    scales = {parts[i][0].scale for i in present}
-    same = len(scales) == 1
-    rows = []
-    for i in present:
-        f = parts[i][0]
-        cols = [(f.b if same else f.b * f.scale) if j == i else
-                f.b.new_zeros(f.b.shape[0], f.b.shape[1], width)
-                for j, (_, width) in enumerate(parts)]
-        rows.append(torch.cat(cols, dim=2))
-    a = torch.cat([parts[i][0].a for i in present], dim=2)
-    return LoRAFactors(a, torch.cat(rows, dim=1), scales.pop() if same else 1.0)
-
-
-@dataclass
-class ExpertLoRA:
-    """Adapters of an expert MLP: on ``gate_up`` (``[E, H, r]``, ``[E, r, 2I]``) and/or
-    ``down`` (``[E, I, r]``, ``[E, r, H]``)."""
-
-    gate_up: LoRAFactors | None = None
-    down: LoRAFactors | None = None
-
-    def check(self, num_experts: int, hidden: int, intermediate: int, where: str) -> None:
-        """Both adapters' shapes fit ``num_experts`` experts of ``hidden -> intermediate``."""
-        if self.gate_up is not None:
-            self.gate_up.check(num_experts, hidden, 2 * intermediate, f"{where} gate_up")
-        if self.down is not None:
-            self.down.check(num_experts, intermediate, hidden, f"{where} down")
+from .chunked import ChunkedWeights, chunked_expert_mlp
+from .factors import ExpertLoRA, LoRAFactors
 
 
 def _lora_linear(x: torch.Tensor, w: Stack, lora: LoRAFactors | None, offs: torch.Tensor,
@@ -113,13 +47,21 @@ def expert_mlp_lora(
     Same contract as :func:`groupmoe.ops.expert_mlp` (weights ``[E, in, out]`` or per-expert
     ``nn.Linear`` lists, router weight applied before the down projection, fp32 combine), plus
     ``lora``. LoRA factors are cast to ``x``'s dtype for the GEMMs; their gradients flow back in
-    their own dtype.
+    their own dtype. Frozen stacked weights (the usual LoRA case) run the fused
+    :func:`~groupmoe.lora.chunked_expert_mlp` op; trainable or per-expert weights run grouped
+    linears under autograd.
     """
     check_expert_args(x, routing, gate_weights, w_gate_up, w_down, b_gate_up, b_down)
     act = get_activation(activation)
     lora = lora or ExpertLoRA()
-    e, h, two_i = stack_shape(as_list(w_gate_up), routing.num_experts, "expert_mlp_lora")
+    w1s, w2s = as_list(w_gate_up), as_list(w_down)
+    e, h, two_i = stack_shape(w1s, routing.num_experts, "expert_mlp_lora")
     lora.check(e, h, two_i // 2, "expert_mlp_lora")
+    if len(w1s) == len(w2s) == 1 and not (w1s[0].requires_grad or w2s[0].requires_grad):
+        # frozen stacks (the LoRA case): one fused op forward and one backward, saving h and
+        # the rank-r intermediates only; a single chunk reads nothing back to the host
+        return chunked_expert_mlp(x, routing, gate_weights, ChunkedWeights.dense(w1s[0]),
+                                  ChunkedWeights.dense(w2s[0]), e, act, lora, b_gate_up, b_down)
     offs, idx = routing.offsets, routing.expert_index
     xs = x.index_select(0, routing.token_index)
     hid = _lora_linear(xs, w_gate_up, lora.gate_up, offs, b_gate_up, idx)

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..ops.checks import check
-from .experts import ExpertLoRA, LoRAFactors
+from .factors import ExpertLoRA, LoRAFactors
 
 
 def _is_param_wrapper(module: nn.Module) -> bool:
