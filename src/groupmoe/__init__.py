@@ -25,12 +25,12 @@ def patched(model):
 
     return _patched(model)
 
-def quantize_experts(model, blocksize: int = 64, nested: bool = False):
-    """Convert a transformers 5 MoE model's expert stacks to NF4 in place; see
-    :func:`groupmoe.integrations.quantize_experts`."""
+def quantize_experts(model, **options):
+    """Convert a transformers 5 MoE model's expert stacks to NF4 in place; ``options`` and the
+    report: :func:`groupmoe.integrations.quantize_experts`."""
     from .integrations.quantized import quantize_experts as _quantize
 
-    return _quantize(model, blocksize=blocksize, nested=nested)
+    return _quantize(model, **options)
 
 
 __version__ = "0.1.0"

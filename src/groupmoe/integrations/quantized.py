@@ -72,6 +72,23 @@ class NF4Parametrization(nn.Module):
         return dequantize_nf4(self.nf4(packed))
 
 
+_SHARED_CLASSES: dict[tuple, type] = {}
+
+
+def share_parametrized_class(module: nn.Module) -> None:
+    """torch's parametrize gives every parametrized module a class of its own, so
+    torch.compile's type guard fails on each next layer (a recompile per layer, then eager
+    past the recompile limit). Modules of one base class with the same parametrized names
+    get one shared class (its properties read each module's own parametrizations)."""
+    if not nn.utils.parametrize.is_parametrized(module):
+        return
+    cls = type(module)
+    key = (cls.__bases__[0], tuple(sorted(module.parametrizations.keys())))
+    shared = _SHARED_CLASSES.setdefault(key, cls)
+    if shared is not cls:
+        module.__class__ = shared
+
+
 def base_class_name(module: nn.Module) -> str:
     """The model's class name, also under the subclass that ``parametrize`` injects."""
     cls = type(module)
@@ -145,14 +162,14 @@ def quantized_forward(module: nn.Module, stacks: tuple[NF4Tensor, NF4Tensor], ac
     """The experts computation on NF4 stacks: dequantize a range of experts at a time (forward
     and backward, see :class:`QuantizedGroupedExperts`), grouped GEMMs, optional grouped LoRA.
     Biases stay the module's (trainable or not)."""
-    from ..quant.experts import QuantizedGroupedExperts
+    from ..quant.experts import DEFAULT_CHUNK_BYTES, QuantizedGroupedExperts
 
     b1 = getattr(module, "gate_up_proj_bias", None) if module.has_bias else None
     b2 = getattr(module, "down_proj_bias", None) if module.has_bias else None
     experts = QuantizedGroupedExperts(
         stacks[0], stacks[1], activation=act, gate_up_bias=b1, down_bias=b2,
-        layout="in_out" if module.is_transposed else "out_in",
-        compute_dtype=x.dtype)
+        layout="in_out" if module.is_transposed else "out_in", compute_dtype=x.dtype,
+        dequant_chunk_bytes=getattr(module, CHUNK_ATTR, DEFAULT_CHUNK_BYTES))
     # topk indices of the model's router: in range, no range check (as the unquantized path)
     return experts(x, top_k_index, top_k_weights, lora=lora, check_ids=False)
 
@@ -196,8 +213,13 @@ def _experts_modules(model: nn.Module):
             yield name, module
 
 
-def quantize_experts(model: nn.Module, blocksize: int = 64, nested: bool = False
-                     ) -> QuantizeReport:
+# where quantize_experts leaves its dequant_chunk_bytes on each experts module
+CHUNK_ATTR = "groupmoe_dequant_chunk_bytes"
+_UNSET = object()
+
+
+def quantize_experts(model: nn.Module, blocksize: int = 64, nested: bool = False,
+                     dequant_chunk_bytes=_UNSET) -> QuantizeReport:
     """Convert the stacked expert weights of a transformers 5 MoE model to NF4, in place.
 
     Each ``gate_up_proj``/``down_proj`` stack becomes its packed bytes (a frozen ``uint8``
@@ -210,6 +232,11 @@ def quantize_experts(model: nn.Module, blocksize: int = 64, nested: bool = False
     :func:`groupmoe.patch`; target the experts with
     ``LoraConfig(target_parameters=expert_lora_targets(model))``.
 
+    ``dequant_chunk_bytes``: how groupmoe's forward and backward dequantize these stacks (see
+    :class:`~groupmoe.quant.QuantizedGroupedExperts`): at most that many bytes of one stack at
+    a time (one host sync per call), or ``None`` for whole stacks, transiently, without a sync
+    (faster at fine-tuning token counts); unset: 256 MiB. Also set on already-4-bit modules.
+
     Works on patched or unpatched models; already-quantized stacks are skipped. Returns a
     :class:`QuantizeReport`. The model's own forward still runs (it dequantizes on access).
     """
@@ -217,8 +244,14 @@ def quantize_experts(model: nn.Module, blocksize: int = 64, nested: bool = False
 
     check(blocksize in (64, 128, 256, 512, 1024, 2048, 4096),
           f"quantize_experts: blocksize must be a power of two in [64, 4096], got {blocksize}")
+    check(dequant_chunk_bytes is _UNSET or dequant_chunk_bytes is None
+          or (isinstance(dequant_chunk_bytes, int) and dequant_chunk_bytes >= 1),
+          f"quantize_experts: dequant_chunk_bytes must be None or an int >= 1, got "
+          f"{dequant_chunk_bytes!r}")
     report = QuantizeReport()
     for name, module in _experts_modules(model):
+        if dequant_chunk_bytes is not _UNSET:
+            setattr(module, CHUNK_ATTR, dequant_chunk_bytes)
         state = quantized_stacks(module)
         if state is not None:
             report.skipped[name] = "already 4-bit" if not isinstance(state, str) else state

@@ -32,6 +32,7 @@ from .quantized import (
     describe,
     quantized_forward,
     quantized_stacks,
+    share_parametrized_class,
 )
 
 log = logging.getLogger("groupmoe")
@@ -293,6 +294,7 @@ def patch(model: nn.Module) -> PatchReport:
         quant = describe(module)
         if quant is not None:
             report.quantized[name] = quant
+            share_parametrized_class(module)
         _prepare(module)
         # the previous choice lives on the module, not the config (which is saved to disk)
         if _PREVIOUS not in module.__dict__:

@@ -1,11 +1,12 @@
 """Frozen NF4 experts on the grouped path, optionally with grouped LoRA.
 
 ``dequant="chunked"`` (default) dequantizes a range of experts at a time, forward and backward
-(:mod:`groupmoe.lora.chunked`): the dense bf16 stacks never exist whole and the step is one
-autograd node that saves only ``x``, ``h`` and rank-``r`` LoRA intermediates. The range size
-comes from ``dequant_chunk_bytes`` (the largest dequantized chunk of one stack): smaller means
-less memory (weights and per-chunk activations) but more, smaller GEMM launches; experts are
-never split, so one expert's weights is the floor.
+(:mod:`groupmoe.lora.chunked`): the step is one autograd node that saves only ``x``, ``h`` and
+rank-``r`` LoRA intermediates, and no dequantized stack is kept. The range size comes from
+``dequant_chunk_bytes`` (the largest dequantized chunk of one stack): smaller means less memory
+(weights and per-chunk activations) but more, smaller GEMM launches and one host sync per call
+(the rows of each range are read back); experts are never split, so one expert's weights is the
+floor. ``None`` dequantizes each stack whole for the step, transiently, with no host sync.
 
 ``dequant="recompute"`` dequantizes whole stacks and keeps none on the autograd tape: a
 saved-tensor hook swaps each saved view of a dequantized stack for a recipe and rebuilds it in
@@ -21,7 +22,8 @@ import torch
 from torch import nn
 
 from ..lora.chunked import ChunkedWeights, chunked_expert_mlp, register_weight_source
-from ..lora.experts import ExpertLoRA, ExpertLoRAModule, expert_mlp_lora
+from ..lora.experts import ExpertLoRAModule, expert_mlp_lora
+from ..lora.factors import ExpertLoRA
 from ..ops.activations import get_activation
 from ..ops.checks import check
 from ..ops.experts import SaveMode, expert_mlp
@@ -79,7 +81,8 @@ class QuantizedGroupedExperts(nn.Module):
         dequant: ``"chunked"`` (a range of experts at a time; least memory), ``"recompute"``
             (whole stacks, rebuilt in backward) or ``"cache"`` (whole stacks kept).
         dequant_chunk_bytes: with ``"chunked"``, the most bytes of one stack dequantized at
-            once (rounded down to whole experts, at least one expert).
+            once (rounded down to whole experts, at least one expert); ``None``: whole stacks,
+            one at a time (no host sync).
         compute_dtype: dtype of the dequantized stacks and the GEMMs.
         save: ``"h"`` keeps the gate_up output for backward, ``"none"`` recomputes it (with
             ``"chunked"``, or without LoRA).
@@ -90,7 +93,7 @@ class QuantizedGroupedExperts(nn.Module):
     def __init__(self, gate_up: NF4Tensor, down: NF4Tensor, activation: str = "swiglu",
                  gate_up_bias: torch.Tensor | None = None, down_bias: torch.Tensor | None = None,
                  layout: Layout = "out_in", dequant: DequantMode = "chunked",
-                 dequant_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 dequant_chunk_bytes: int | None = DEFAULT_CHUNK_BYTES,
                  compute_dtype: torch.dtype = torch.bfloat16, save: SaveMode = "h",
                  lora_rank: int = 0, lora_alpha: float | None = None,
                  lora_targets: tuple[str, ...] = ("gate_up", "down"), backend: Backend = "auto"):
@@ -98,8 +101,9 @@ class QuantizedGroupedExperts(nn.Module):
         check(layout in ("out_in", "in_out"), f"QuantizedGroupedExperts: bad layout {layout!r}")
         check(dequant in DEQUANT_MODES,
               f"QuantizedGroupedExperts: dequant must be one of {DEQUANT_MODES}, got {dequant!r}")
-        check(dequant_chunk_bytes >= 1, f"QuantizedGroupedExperts: dequant_chunk_bytes must be "
-              f">= 1, got {dequant_chunk_bytes}")
+        check(dequant_chunk_bytes is None or dequant_chunk_bytes >= 1,
+              f"QuantizedGroupedExperts: dequant_chunk_bytes must be >= 1 or None, got "
+              f"{dequant_chunk_bytes}")
         check(len(gate_up.shape) == 3 and len(down.shape) == 3,
               "QuantizedGroupedExperts: gate_up and down must be 3-D [E, ., .] NF4 stacks")
         self.layout, self.dequant, self.save, self.backend = layout, dequant, save, backend
@@ -144,7 +148,10 @@ class QuantizedGroupedExperts(nn.Module):
         return self.chunked_weights(which).experts(start, stop, self.compute_dtype)
 
     def experts_per_chunk(self) -> int:
-        """Experts per dequantized range under ``dequant_chunk_bytes`` (at least one)."""
+        """Experts per dequantized range under ``dequant_chunk_bytes`` (at least one; all of
+        them for ``None``)."""
+        if self.dequant_chunk_bytes is None:
+            return self.num_experts
         per_expert = max(q.numel // self.num_experts for q in (self.gate_up_q, self.down_q))
         size = per_expert * torch.empty(0, dtype=self.compute_dtype).element_size()
         return max(1, self.dequant_chunk_bytes // size)
