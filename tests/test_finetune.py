@@ -124,3 +124,48 @@ def test_interrupted_or_out_of_memory_run_leaves_valid_metrics(tmp_path, monkeyp
     assert saved["status"] == status and len(saved["steps"]) == 3
     if status == "out of memory":
         assert "after 3 step(s)" in str(err.value) and "--gradient-checkpointing" in saved["error"]
+
+
+def test_chunked_loss_equals_the_models_own():
+    """The LM head + cross-entropy over chunks of positions (chunks not dividing the length,
+    ignored labels): the model's loss and every gradient, fp32."""
+    import transformers
+
+    from groupmoe.finetune.configs import model_spec
+    from groupmoe.finetune.loss import chunked_lm_loss, chunked_loss_reason, use_chunked_loss
+
+    torch.manual_seed(0)
+    cfg = model_spec("tiny", None).config
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float()
+    ids = torch.randint(0, cfg.vocab_size, (2, 23))
+    labels = ids.clone()
+    labels[0, 5:9] = -100
+    ref = model(input_ids=ids, labels=labels).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    ref_grads = torch.autograd.grad(ref, params)
+    assert chunked_loss_reason(model) is None
+    cfg.output_router_logits = True
+    assert "auxiliary loss" in chunked_loss_reason(model)
+    cfg.output_router_logits = False
+    loss_func = use_chunked_loss(model, chunk=7)
+    for num_items in (None, (labels[:, 1:] != -100).sum()):
+        out = model(input_ids=ids)
+        assert out.logits.shape == (2, 23, cfg.hidden_size)  # the hidden states pass through
+        loss = loss_func(out, labels, num_items_in_batch=num_items)
+        grads = torch.autograd.grad(loss, params)
+        assert torch.allclose(loss, ref, rtol=1e-6, atol=0)
+        for g, rg in zip(grads, ref_grads):
+            assert torch.allclose(g, rg, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        chunked_lm_loss(model.lm_head.head, out.logits, labels, 0)
+    assert "no nn.Linear lm_head" in chunked_loss_reason(model)  # not twice
+
+
+def test_compiled_layers_with_checkpointing_match_eager(tmp_path):
+    """--compile (each decoder layer) under gradient checkpointing: the same losses as eager."""
+    kw = dict(steps=3, gradient_checkpointing=True)
+    eager = _run(tmp_path / "eager", **kw)
+    compiled = _run(tmp_path / "compiled", compile=True, **kw)
+    assert any("torch.compile on each of 2 decoder layers" in n for n in compiled["notes"])
+    losses = [[r["loss"] for r in run["steps"]] for run in (eager, compiled)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)

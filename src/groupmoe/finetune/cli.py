@@ -21,6 +21,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", type=int, default=None, help="keep the first N decoder layers")
     p.add_argument("--qlora", action="store_true",
                    help="NF4 experts (groupmoe) and NF4 attention (bitsandbytes, on CUDA)")
+    p.add_argument("--dequant-chunk-mib", type=int, default=d.dequant_chunk_mib,
+                   help="QLoRA: dequantize at most this many MiB of an expert stack at a time "
+                        "(less memory, one host sync per layer call); 0: whole stacks")
+    p.add_argument("--loss-chunk", type=int, default=d.loss_chunk,
+                   help="LM head + cross-entropy over this many positions at a time (the whole "
+                        "logits never exist); 0: the model's own loss")
     p.add_argument("--lora-rank", type=int, default=d.lora_rank)
     p.add_argument("--lora-alpha", type=float, default=None, help="default: 2 x rank")
     p.add_argument("--lora-targets", nargs="+", default=list(d.lora_targets), choices=TARGETS)
@@ -28,7 +34,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--compile", action="store_true", help="the Trainer's torch_compile")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile each decoder layer (one graph per layer type)")
+    p.add_argument("--attention", default=None,
+                   help="transformers' attention implementation: sdpa, flex_attention (gpt-oss "
+                        "on CUDA: sinks supported), eager; default: the model's own")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -38,6 +48,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None)
     p.add_argument("--compare", default=None, choices=IMPLS, metavar="IMPL",
                    help="also run IMPL on the same seed and data; both loss curves on one PNG")
+    p.add_argument("--profile", action="store_true",
+                   help="profile steps 3-4: GPU busy vs wall time, host syncs, largest kernels "
+                        "and host ops (printed and written to profile.txt)")
     p.add_argument("--smoke", action="store_true", help="the tiny model on CPU, a few steps")
 
 
@@ -46,7 +59,8 @@ def config_from(args: argparse.Namespace) -> FinetuneConfig:
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["lora_targets"] = tuple(values["lora_targets"])
     if args.smoke:
-        return smoke_config(**{k: values[k] for k in ("impl", "out", "seed", "data")})
+        kept = ("impl", "out", "seed", "data", "profile", "compile")
+        return smoke_config(**{k: values[k] for k in kept})
     return FinetuneConfig(**values)
 
 

@@ -75,10 +75,11 @@ class Metrics:
         write_json(self.path, self.data)
 
     def summary(self, warmup: int = 2) -> dict:
-        """Median tokens/s after ``warmup`` steps (compilation, allocator), final loss, peak."""
+        """Median tokens/s after ``warmup`` steps (compilation, allocator) and outside the
+        profiled ones, final loss, peak."""
         rows = self.data["steps"]
-        speed = [r["tokens_per_s"] for r in rows[warmup:] if "tokens_per_s" in r] or \
-            [r["tokens_per_s"] for r in rows if "tokens_per_s" in r]
+        timed = [r["tokens_per_s"] for r in rows if "tokens_per_s" in r and not r.get("profiled")]
+        speed = timed[warmup:] or timed
         losses = [r["loss"] for r in rows if "loss" in r]
         peaks = [r["peak_mib"] for r in rows if r.get("peak_mib") is not None]
         return {"steps_done": len(rows),

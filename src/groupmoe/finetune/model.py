@@ -31,14 +31,16 @@ def experts_modules(model: nn.Module) -> list[str]:
                                      and isinstance(getattr(m, "experts", None), nn.ModuleList))]
 
 
-def load(spec: ModelSpec, device: torch.device, dtype: torch.dtype, attention_4bit: bool):
+def load(spec: ModelSpec, device: torch.device, dtype: torch.dtype, attention_4bit: bool,
+         attention: str | None = None):
     """The causal LM of ``spec`` on ``device``: its weights, or random ones initialised on the
     device itself. ``attention_4bit`` loads attention through bitsandbytes (weights) or
-    quantizes it after the random initialisation."""
+    quantizes it after the random initialisation; ``attention`` picks transformers' attention
+    implementation (``None``: the model's default)."""
     import transformers
 
+    kw = {} if attention is None else {"attn_implementation": attention}
     if spec.weights is not None:
-        kw = {}
         if attention_4bit:
             kw["quantization_config"] = transformers.BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
@@ -46,7 +48,7 @@ def load(spec: ModelSpec, device: torch.device, dtype: torch.dtype, attention_4b
             spec.weights, dtype=dtype, device_map={"": device}, local_files_only=True, **kw)
     else:
         with torch.device(device):
-            model = transformers.AutoModelForCausalLM.from_config(spec.config, dtype=dtype)
+            model = transformers.AutoModelForCausalLM.from_config(spec.config, dtype=dtype, **kw)
         if attention_4bit:
             _attention_to_4bit(model, device)
     check(bool(experts_modules(model)), f"{spec.name} has no MoE layers (no experts modules): "
@@ -101,3 +103,15 @@ def add_lora(model: nn.Module, rank: int, targets: tuple[str, ...], alpha: float
     config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank,
                         lora_dropout=0.0, **kw)
     return get_peft_model(model, config)
+
+
+def compile_layers(model: nn.Module) -> int:
+    """``torch.compile`` each decoder layer (``nn.Module.compile``, as torchtitan compiles per
+    block): one graph per layer type, reused by every layer, and gradient checkpointing still
+    wraps each layer call. Returns the number of layers compiled."""
+    layers = [m for name, m in model.named_modules()
+              if isinstance(m, nn.ModuleList) and name.endswith("layers")]
+    check(len(layers) == 1, "--compile: cannot find the model's one list of decoder layers")
+    for layer in layers[0]:
+        layer.compile()
+    return len(layers[0])

@@ -13,8 +13,10 @@ import torch
 from ..ops.checks import check
 from .configs import model_spec
 from .data import TokenWindows, train_tokenizer
+from .loss import chunked_loss_reason, use_chunked_loss
 from .metrics import Metrics, StepClock, optimizer_bytes, plot_losses, static_memory
-from .model import TARGETS, add_lora, attention_4bit_reason, load
+from .model import TARGETS, add_lora, attention_4bit_reason, compile_layers, load
+from .profiling import StepProfiler
 
 IMPLS = ("groupmoe", "grouped_mm", "eager")
 
@@ -24,13 +26,21 @@ class FinetuneConfig:
     """One job. ``model``: a name of :data:`groupmoe.finetune.MODELS` or a local folder with
     ``config.json`` (and weights); ``layers`` keeps that many decoder layers (random weights).
     ``qlora``: NF4 experts (``groupmoe.quantize_experts``; groupmoe only, transformers keeps
-    stacked experts in bf16) and NF4 attention through bitsandbytes where it runs. ``data``:
-    a text or JSONL file, default the Python standard library's source."""
+    stacked experts in bf16) and NF4 attention through bitsandbytes where it runs; the
+    experts are double-quantized (8-bit absmax, as QLoRA) and dequantized
+    ``dequant_chunk_mib`` of a stack at a time (0: whole stacks, no host sync). ``loss_chunk``:
+    the LM head and cross-entropy run that many positions at a time (0: the model's own loss
+    over the whole logits). ``compile``: ``torch.compile`` each decoder layer. ``attention``:
+    transformers' attention implementation (``"sdpa"``, ``"flex_attention"``, ``"eager"``;
+    ``None``: the model's default). ``data``: a text or JSONL file, default the Python
+    standard library's source."""
 
     model: str = "qwen3-30b-a3b"
     impl: str = "groupmoe"
     layers: int | None = None
     qlora: bool = False
+    dequant_chunk_mib: int = 0
+    loss_chunk: int = 256
     lora_rank: int = 16
     lora_alpha: float | None = None
     lora_targets: tuple[str, ...] = TARGETS
@@ -39,6 +49,7 @@ class FinetuneConfig:
     grad_accum: int = 1
     gradient_checkpointing: bool = False
     compile: bool = False
+    attention: str | None = None
     steps: int = 50
     lr: float = 2e-4
     seed: int = 0
@@ -47,6 +58,7 @@ class FinetuneConfig:
     out: str = "finetune_out"
     device: str | None = None
     progress: bool = True
+    profile: bool = False
 
     def run_dir(self) -> str:
         name = os.path.basename(os.path.normpath(self.model))
@@ -77,6 +89,8 @@ def _check(cfg: FinetuneConfig, spec) -> None:
           f"--seq {cfg.seq} is beyond {spec.name}'s maximum of {limit} positions")
     check(cfg.seq >= 2 and cfg.batch >= 1 and cfg.grad_accum >= 1 and cfg.steps >= 1,
           "--seq >= 2, --batch, --grad-accum and --steps >= 1")
+    check(cfg.loss_chunk >= 0 and cfg.dequant_chunk_mib >= 0,
+          "--loss-chunk and --dequant-chunk-mib must be >= 0 (0: whole)")
 
 
 def finetune(cfg: FinetuneConfig) -> dict:
@@ -109,21 +123,33 @@ def finetune(cfg: FinetuneConfig) -> dict:
     why_bf16 = attention_4bit_reason(device) if cfg.qlora else None
     if why_bf16:
         notes.append(why_bf16)
-    model = load(spec, device, dtype, attention_4bit=cfg.qlora and why_bf16 is None)
+    model = load(spec, device, dtype, attention_4bit=cfg.qlora and why_bf16 is None,
+                 attention=cfg.attention)
     if cfg.qlora and cfg.impl == "groupmoe":
         from ..integrations import quantize_experts
 
         say("quantizing the experts to NF4")
-        notes.append(str(quantize_experts(model)))
+        chunk = cfg.dequant_chunk_mib * 2 ** 20 or None
+        notes.append(str(quantize_experts(model, nested=True, dequant_chunk_bytes=chunk)))
     elif cfg.qlora:
         notes.append("experts kept in the compute dtype: transformers' own experts "
                      "implementations run stacked experts unquantized")
+    loss_func = None
+    if cfg.loss_chunk:
+        why = chunked_loss_reason(model)
+        if why is None:
+            loss_func = use_chunked_loss(model, cfg.loss_chunk)
+        else:
+            notes.append(f"the model's own loss over the whole logits: {why}")
     model = add_lora(model, cfg.lora_rank, tuple(cfg.lora_targets), cfg.lora_alpha)
     from ..integrations import use_experts_implementation
 
     report = use_experts_implementation(model, cfg.impl)
     if report is not None:
         notes.append(str(report))
+    if cfg.compile:
+        say("compiling the decoder layers (on the first step)")
+        notes.append(f"torch.compile on each of {compile_layers(model)} decoder layers")
     metrics = Metrics(os.path.join(run_dir, "metrics.json"), {
         "config": dataclasses.asdict(cfg),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -134,16 +160,27 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     clock, tokens = StepClock(device), metrics.data["tokens_per_step"]
+    profiler = StepProfiler(device) if cfg.profile else None
 
     class Recorder(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             clock.start()
 
+        def on_step_begin(self, args, state, control, **kw):
+            if profiler is not None:
+                profiler.step_begin(state.global_step + 1)
+
         def on_step_end(self, args, state, control, **kw):
+            if profiler is not None:
+                profiler.step_end(state.global_step)
+                if profiler.report is not None:
+                    _write_profile(run_dir, profiler, say)
             dt = clock.lap()
             peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 \
                 if device.type == "cuda" else None
-            metrics.step(state.global_step, seconds=dt, tokens_per_s=tokens / dt, peak_mib=peak)
+            profiled = profiler is not None and profiler.covers(state.global_step)
+            metrics.step(state.global_step, seconds=dt, tokens_per_s=tokens / dt, peak_mib=peak,
+                         **({"profiled": True} if profiled else {}))
 
         def on_log(self, args, state, control, logs=None, **kw):
             if logs and "loss" in logs:
@@ -158,9 +195,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
         lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
         bf16=dtype == torch.bfloat16, use_cpu=device.type == "cpu", seed=cfg.seed,
         **{ckpt: cfg.gradient_checkpointing, f"{ckpt}_kwargs": {"use_reentrant": False}},
-        torch_compile=cfg.compile, dataloader_num_workers=0, disable_tqdm=not cfg.progress,
+        dataloader_num_workers=0, disable_tqdm=not cfg.progress,
         remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, train_dataset=windows, callbacks=[Recorder()])
+    trainer = Trainer(model=model, args=args, train_dataset=windows, callbacks=[Recorder()],
+                      compute_loss_func=loss_func)
     say(f"training {cfg.steps} steps of {metrics.data['tokens_per_step']} tokens")
     try:
         trainer.train()
@@ -190,6 +228,14 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def _write_profile(run_dir: str, profiler: StepProfiler, say) -> None:
+    with open(os.path.join(run_dir, "profile.txt"), "w") as fh:
+        fh.write(profiler.report + "\n")
+    say(f"profile of steps {profiler.first}-{profiler.first + profiler.steps - 1}:\n"
+        f"{profiler.report}")
+    profiler.report = None
 
 
 def compare(cfg: FinetuneConfig, impls: tuple[str, str] = ("groupmoe", "grouped_mm")) -> dict:
