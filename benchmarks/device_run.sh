@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One device call: GPU tests and the benchmarks, results under $OUT. Stages: tests layer
-# layer32k memory wgrad hf hf-profile qlora kernels triton-bwd peers profile fsdp (default: all
-# but kernels, triton-bwd, peers and fsdp; peers needs liger-kernel's wheel in .whl, fsdp two
+# layer32k memory wgrad hf hf-profile qlora kernels triton-bwd peers profile fsdp finetune
+# (default: all but kernels, triton-bwd, peers, fsdp and finetune; peers needs liger-kernel's wheel in .whl, fsdp two
 # GPUs). Run from the repository root.
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -17,7 +17,7 @@ for s in $stages; do
   echo "=== $s"
   case $s in
     # the full log stays in $OUT even when a caller's timeout cuts the run short
-    tests) python3 -m pytest -q -rf -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    tests) timeout ${TESTS_TIMEOUT:-900} python3 -m pytest -q -rf -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     layer) python3 -m groupmoe bench --tokens 8192 \
              --impls loop naive groupmoe groupmoe-recompute dense --out "$OUT/layer_8192.json" \
              | grep '^|' ;;
@@ -46,6 +46,28 @@ for s in $stages; do
     fsdp) torchrun --nproc-per-node 2 -m groupmoe.bench.nccl_bw
           for c in "" --compile; do python3 -m groupmoe.bench.fsdp_bench --gpus 1 2 $c \
             --out "$OUT/fsdp${c:+_compiled}.json" | grep '^|'; done ;;
+    # whole-model fine-tuning jobs, one job's arguments per line of FT_JOBS (default:
+    # benchmarks/finetune_jobs.txt); a job's "--out DIR" goes under $OUT/ft; every job's
+    # metrics, profile and plots are re-packed into $OUT/finetune.tgz after it (few files back)
+    finetune) while read -r job; do
+          [ -z "$job" ] && continue
+          echo "--- groupmoe finetune $job"
+          dir=$(sed -n 's/.*--out \([^ ]*\).*/\1/p' <<< "$job"); job=${job/--out $dir/}
+          timeout 420 python3 -m groupmoe finetune --out "/tmp/ft/${dir:-probe}" $job 2>&1 \
+            | tr '\r' '\n' | grep -v "it/s]\|s/it]\|^{'\|Warning\|warnings.warn\|^ *$"
+          tar czf "$OUT/finetune.tgz" -C /tmp/ft --exclude 'tokenizer-*' .
+        done <<< "${FT_JOBS:-$(cat benchmarks/finetune_jobs.txt)}" ;;
+    # FSDP2 overlap settings on 2 GPUs: GEMM SM carveout, NCCL CTAs, no reshard, batch
+    fsdp-tune) f() { python3 -m groupmoe.bench.fsdp_bench "$@" | grep '^| [12] '; }
+          echo "-- eager, batch 4: default / carveout 16 / + NCCL_MAX_CTAS=16 / + keep-unsharded"
+          f --gpus 1 2; f --gpus 2 --sm-carveout 16
+          NCCL_MAX_CTAS=16 f --gpus 2 --sm-carveout 16
+          NCCL_MAX_CTAS=16 f --gpus 2 --sm-carveout 16 --keep-unsharded
+          echo "-- eager, batch 8"; f --gpus 1 --batch 8
+          NCCL_MAX_CTAS=16 f --gpus 2 --batch 8 --sm-carveout 16 --keep-unsharded
+          echo "-- compiled, batch 4 / 8"; f --gpus 1 --compile; f --gpus 1 --compile --batch 8
+          NCCL_MAX_CTAS=16 f --gpus 2 --compile --sm-carveout 16 --keep-unsharded
+          NCCL_MAX_CTAS=16 f --gpus 2 --compile --batch 8 --sm-carveout 16 --keep-unsharded ;;
     profile) python3 -m groupmoe.bench.profile --shape qwen3-30b-a3b --impls groupmoe dense \
                --rows 14 2>&1 \
                | awk '/^per step/ {print; next} !/^-----/ {print substr($0, 1, 60) substr($0, 100, 70)}' ;;

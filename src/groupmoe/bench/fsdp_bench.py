@@ -38,6 +38,8 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
+        if args.sm_carveout:  # cuBLAS/CUTLASS GEMMs leave SMs to the concurrent collectives
+            torch._C._set_sm_carveout_experimental(args.sm_carveout)
     dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world)
     dtype = torch.bfloat16 if cuda else torch.float32
     model = build(args.model, args.layers, args.smoke, device, dtype)
@@ -75,7 +77,8 @@ def _worker(rank: int, world: int, port: int, args, results) -> None:
         slowest = max(t for t, _ in times)
         results.put({"model": args.model, "impl": args.impl, "layers": args.layers,
                      "gpus": world, "compiled": args.compile,
-                     "reshard_after_forward": not args.keep_unsharded, "tokens_per_gpu":
+                     "reshard_after_forward": not args.keep_unsharded,
+                     "sm_carveout": args.sm_carveout, "tokens_per_gpu":
                      args.batch * args.seq, "ms": slowest, "tokens_per_s": tokens / slowest * 1e3,
                      "peak_mib_per_gpu": max((p for _, p in times if p is not None),
                                              default=None)})
@@ -128,6 +131,9 @@ def main(argv=None) -> None:
     p.add_argument("--keep-unsharded", action="store_true",
                    help="reshard_after_forward=False: no second all-gather in backward, the "
                         "unsharded layers held from forward to backward")
+    p.add_argument("--sm-carveout", type=int, default=0,
+                   help="SMs the GEMM libraries leave free for NCCL's kernels (torch's "
+                        "experimental carveout; persistent GEMMs otherwise wait for them)")
     p.add_argument("--profile", action="store_true",
                    help="also print rank 0's host syncs and NCCL vs compute kernel time")
     p.add_argument("--smoke", action="store_true")
