@@ -6,7 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from groupmoe.ops import build_routing, expert_mlp, expert_mlp_naive, expert_mlp_reference
+from groupmoe.ops import (
+    build_routing,
+    expert_mlp,
+    expert_mlp_naive,
+    expert_mlp_reference,
+    get_activation,
+)
 
 
 @dataclass
@@ -60,9 +66,10 @@ def make_case(t=37, h=24, i=20, e=6, k=2, dtype=torch.float64, bias=False,
     if zero_gate and t:
         gates[0, 0] = 0.0
         gates[-1, -1] = 1e-30 if dtype == torch.float64 else 1e-20
-    w1 = torch.randn(e, h, 2 * i, dtype=dtype) / h ** 0.5
+    width = 2 * i if get_activation(activation).gated else i  # gate_up, or up alone
+    w1 = torch.randn(e, h, width, dtype=dtype) / h ** 0.5
     w2 = torch.randn(e, i, h, dtype=dtype) / i ** 0.5
-    b1 = torch.randn(e, 2 * i, dtype=dtype) * 0.1 if bias else None
+    b1 = torch.randn(e, width, dtype=dtype) * 0.1 if bias else None
     b2 = torch.randn(e, h, dtype=dtype) * 0.1 if bias else None
     tensors = [x, gates, w1, w2, b1, b2]
     x, gates, w1, w2, b1, b2 = [

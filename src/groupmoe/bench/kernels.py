@@ -84,7 +84,7 @@ def bench_shape(name: str, tokens: int, bench, dev: str = "cuda", shrink: int = 
     ti, offs, ei = r.token_index, r.offsets, r.expert_index
     g = gates.reshape(-1).index_select(0, r.order)
     act = get_activation(act_name)
-    extra = {"alpha": act.alpha, "limit": act.limit} if act_name == "gptoss" else {}
+    extra = {"alpha": act.alpha, "limit": act.gate_limit} if act_name == "gptoss" else {}
     rows = []
 
     def row(kernel, flops, torch_fn, triton_fn, compare=None, tuned=None):

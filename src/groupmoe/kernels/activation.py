@@ -128,7 +128,7 @@ def act_kind(act) -> tuple[int, float, float]:
     if act.name == "swiglu":
         return SWIGLU, 0.0, 0.0
     if act.name == "gptoss":
-        return GPTOSS, float(act.alpha), float(act.limit)
+        return GPTOSS, float(act.alpha), float(act.gate_limit)
     raise ValueError(f"no fused kernel for activation {act.name!r}")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.activations import Activation, GptOssGLU
+from ..ops.activations import Activation
 from ..ops.routing import Routing
 from .grouped import combine_rows, gather_grouped_mm, gather_grouped_mm_act
 from .grouped_bwd import down_dx_act, grouped_wgrad
@@ -25,7 +25,7 @@ def expert_forward(
     gathering ``x`` rows with bias + activation + ``g`` scale in its epilogue; down GEMM adding
     ``g * b_down`` and storing each row at its (token, slot) position; the k-slot sum.
     """
-    extra = {"alpha": act.alpha, "limit": act.limit} if isinstance(act, GptOssGLU) else {}
+    extra = {"alpha": act.alpha, "limit": act.gate_limit} if act.name == "gptoss" else {}
     h, a_scaled = gather_grouped_mm_act(x, routing.token_index, w1, routing.offsets, act.name,
                                         bias=b1, row_scale=g, store_h=store_h, **extra)
     y = gather_grouped_mm(a_scaled, None, w2, routing.offsets, bias=b2,

@@ -51,12 +51,12 @@ def expert_mlp_lora(
     :func:`~groupmoe.lora.chunked_expert_mlp` op; trainable or per-expert weights run grouped
     linears under autograd.
     """
-    check_expert_args(x, routing, gate_weights, w_gate_up, w_down, b_gate_up, b_down)
     act = get_activation(activation)
+    check_expert_args(x, routing, gate_weights, w_gate_up, w_down, b_gate_up, b_down, act)
     lora = lora or ExpertLoRA()
     w1s, w2s = as_list(w_gate_up), as_list(w_down)
     e, h, two_i = stack_shape(w1s, routing.num_experts, "expert_mlp_lora")
-    lora.check(e, h, two_i // 2, "expert_mlp_lora")
+    lora.check(e, h, act.out_width(two_i), "expert_mlp_lora", act.gated)
     if len(w1s) == len(w2s) == 1 and not (w1s[0].requires_grad or w2s[0].requires_grad):
         # frozen stacks (the LoRA case): one fused op forward and one backward, saving h and
         # the rank-r intermediates only; a single chunk reads nothing back to the host

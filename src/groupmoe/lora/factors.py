@@ -68,9 +68,12 @@ class ExpertLoRA:
     gate_up: LoRAFactors | None = None
     down: LoRAFactors | None = None
 
-    def check(self, num_experts: int, hidden: int, intermediate: int, where: str) -> None:
-        """Both adapters' shapes fit ``num_experts`` experts of ``hidden -> intermediate``."""
+    def check(self, num_experts: int, hidden: int, intermediate: int, where: str,
+              gated: bool = True) -> None:
+        """Both adapters' shapes fit ``num_experts`` experts of ``hidden -> intermediate``
+        (the first projection ``2 * intermediate`` wide when ``gated``)."""
         if self.gate_up is not None:
-            self.gate_up.check(num_experts, hidden, 2 * intermediate, f"{where} gate_up")
+            width = 2 * intermediate if gated else intermediate
+            self.gate_up.check(num_experts, hidden, width, f"{where} gate_up")
         if self.down is not None:
             self.down.check(num_experts, intermediate, hidden, f"{where} down")

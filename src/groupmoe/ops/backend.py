@@ -57,6 +57,7 @@ def use_triton(t: torch.Tensor) -> bool:
     return _backend == "triton" and interpreting() and triton_available()
 
 
+# Activation.name of the forms the Triton kernels implement; the others run torch's ops
 FUSED_ACTIVATIONS = ("swiglu", "gptoss")
 
 

@@ -51,6 +51,7 @@ def check_expert_args(
     w_down: Stack,
     b_gate_up: Tensor | None,
     b_down: Tensor | None,
+    act: Activation,
 ) -> None:
     """Shape/dtype/device checks of one expert-MLP call, with messages that name the culprit."""
     where = "experts"
@@ -63,9 +64,11 @@ def check_expert_args(
           lambda: f"{where}: weights hold {s1[0]}/{s2[0]} experts, routing has {e}")
     check(s1[1] == h, lambda: f"{where}: gate_up weight is [E, {s1[1]}, 2I] but hidden size is {h}")
     two_i = s1[2]
-    check(two_i % 2 == 0, f"{where}: gate_up output size {two_i} must be even (gate and up)")
-    check(s2[1:] == (two_i // 2, h),
-          lambda: f"{where}: down weight must be [E, {two_i // 2}, {h}], got {tuple(s2)}")
+    check(two_i % 2 == 0 or not act.gated,
+          f"{where}: gate_up output size {two_i} must be even (gate and up)")
+    inter = act.out_width(two_i)
+    check(s2[1:] == (inter, h),
+          lambda: f"{where}: down weight must be [E, {inter}, {h}], got {tuple(s2)}")
     check(routing.num_tokens == t or routing.num_rows == 0,
           lambda: f"{where}: routing is for {routing.num_tokens} tokens, x has {t}")
     check(gate_weights.shape == (t, routing.top_k),
@@ -425,8 +428,8 @@ def expert_mlp(
     check(save in SAVE_MODES, f"expert_mlp: save must be 'h' or 'none' (argument or "
           f"GROUPMOE_SAVE), got {save!r}")
     w1, w2 = as_list(w_gate_up), as_list(w_down)
-    check_expert_args(x, routing, gate_weights, w1, w2, b_gate_up, b_down)
     act = get_activation(activation)
+    check_expert_args(x, routing, gate_weights, w1, w2, b_gate_up, b_down, act)
     w1, _ = defer_stack(w1)
     w2, _ = defer_stack(w2)
     g = gate_weights.reshape(-1).index_select(0, routing.order)
@@ -449,8 +452,8 @@ def expert_mlp_naive(
 ) -> Tensor:
     """The same math composed from differentiable pieces under plain autograd (the baseline:
     sort, grouped GEMMs, activation, weighted fp32 ``index_add`` combine)."""
-    check_expert_args(x, routing, gate_weights, w_gate_up, w_down, b_gate_up, b_down)
     act = get_activation(activation)
+    check_expert_args(x, routing, gate_weights, w_gate_up, w_down, b_gate_up, b_down, act)
     xs = x.index_select(0, routing.token_index)
     h = grouped_linear(xs, w_gate_up, routing.offsets, b_gate_up, routing.expert_index)
     y = grouped_linear(act(h), w_down, routing.offsets, b_down, routing.expert_index)
