@@ -21,14 +21,15 @@ import weakref
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..ops.activations import Activation, GptOssGLU, SwiGLU
+from ..ops.activations import Activation
+from ..ops.backend import FUSED_ACTIVATIONS
 from ..ops.experts import expert_mlp
-from ..ops.routing import build_routing
+from ..ops.grouped_linear import grouped_linear
+from ..ops.routing import build_routing, combine
+from .activations import own_activation, recognise
 from .quantized import (
-    base_class_name,
     describe,
     quantized_forward,
     quantized_stacks,
@@ -48,10 +49,15 @@ class PatchReport:
     patched: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     quantized: dict[str, str] = field(default_factory=dict)  # patched modules with 4-bit stacks
+    paths: dict[str, str] = field(default_factory=dict)  # patched module -> the path it runs
     notes: list[str] = field(default_factory=list)
 
     def __str__(self) -> str:
         lines = [f"groupmoe: patched {len(self.patched)} experts module(s)"]
+        counts: dict[str, int] = {}
+        for path in self.paths.values():
+            counts[path] = counts.get(path, 0) + 1
+        lines += [f"  {n} on the {path}" for path, n in counts.items()]
         if self.quantized:
             kinds = sorted(set(self.quantized.values()))
             lines.append(f"  {len(self.quantized)} with 4-bit experts: {', '.join(kinds)}")
@@ -77,40 +83,52 @@ def _raw(module: nn.Module, name: str) -> torch.Tensor | None:
     return getattr(module, name, None)
 
 
-def _activation(module: nn.Module) -> Activation | str:
-    """The module's gated activation as a groupmoe Activation, or why there is none."""
-    if not module.has_gate:
-        return "experts without a gate projection"
+@dataclass(frozen=True)
+class Generic:
+    """The generic grouped path: groupmoe's routing and grouped GEMMs around the model's own
+    activation (and post-expert norm) under autograd, for ``why`` the fused op cannot run."""
+
+    why: str
+
+
+def _first_stack(module: nn.Module) -> str:
+    return "gate_up_proj" if module.has_gate else "up_proj"
+
+
+def _activation(module: nn.Module) -> Activation | Generic:
+    """The fused op's activation for ``module`` (proven equal to the module's own), or the
+    generic path and why."""
     if getattr(module, "has_post_expert_norm", False):
-        return "post-expert norm"
-    if base_class_name(module) == "GptOssExperts" and not module.is_concatenated:
-        return GptOssGLU(alpha=float(module.alpha), limit=float(module.limit))
-    apply_gate = getattr(type(module), "_apply_gate", None)
-    if not module.is_concatenated or getattr(apply_gate, "__name__", "") != "_default_apply_gate":
-        return f"custom gate activation {type(module).__name__}._apply_gate"
-    probe = torch.linspace(-6, 6, 97, dtype=torch.float64)
-    act_fn = getattr(module, "act_fn", None)
-    try:
-        same = act_fn is not None and torch.allclose(act_fn(probe), F.silu(probe))
-    except Exception:  # an activation that cannot run on a CPU probe is not SiLU
-        same = False
-    return SwiGLU() if same else f"activation {type(act_fn).__name__} is not SiLU"
+        return Generic("post-expert norm")
+    act = recognise(module)
+    if act is not None:
+        return act
+    own = own_activation(module)
+    what = (f"{type(module).__name__}._apply_gate" if module.has_gate
+            else f"activation {type(own).__name__}")
+    return Generic(f"{what} is none of groupmoe's activation forms")
+
+
+def path_name(act: Activation | Generic) -> str:
+    """How the patch report names the path a module runs."""
+    if isinstance(act, Generic):
+        return f"generic grouped path ({act.why})"
+    return f"fused expert op ({act.name if act.name in FUSED_ACTIVATIONS else act.spec})"
 
 
 def _static_reason(module: nn.Module) -> str | None:
-    act = _activation(module)
-    if isinstance(act, str):
-        return act
     if getattr(module, "_is_expert_parallel", False):
         return "transformers' own expert parallelism"
-    w = _raw(module, "gate_up_proj")
+    w = _raw(module, _first_stack(module))
     if w is None or _raw(module, "down_proj") is None:
-        return "no gate_up_proj/down_proj stacks"
+        return f"no {_first_stack(module)}/down_proj stacks"
     q = quantized_stacks(module)
     if isinstance(q, str):
         return q
     if q is None and not w.is_floating_point():
         return f"quantized weights ({w.dtype})"
+    if q is not None and not module.has_gate:
+        return "4-bit experts without a gate projection"
     return None
 
 
@@ -120,7 +138,7 @@ def _runtime_reason(module: nn.Module, x: torch.Tensor,
         return stacks
     if stacks is not None:
         return _quantized_runtime_reason(stacks[0], x)
-    w = _raw(module, "gate_up_proj")
+    w = _raw(module, _first_stack(module))
     if not w.is_floating_point() or w.dtype != x.dtype:
         return f"hidden states {x.dtype} vs expert weights {w.dtype}"
     if w.device != x.device:
@@ -171,6 +189,8 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
     stacks = quantized_stacks(module)
     reason = reason or _runtime_reason(module, hidden_states, stacks)
     wrapper = _peft_wrapper(module)
+    if reason is None and isinstance(act, Generic) and (stacks is not None or wrapper):
+        reason = f"{act.why}, with 4-bit or peft-wrapped stacks"
     if stacks is not None and wrapper is not None:
         _check_peft_on_4bit(module, wrapper, reason)
     if reason is not None:
@@ -192,9 +212,12 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
     # the model's router takes top_k_index from topk over num_experts scores: in range by
     # construction, so the range check's device sync is skipped
     routing = build_routing(top_k_index, module.num_experts, check_ids=False)
-    w1, w2 = _weights(module, "gate_up_proj"), _weights(module, "down_proj")
-    b1 = _raw(module, "gate_up_proj_bias") if module.has_bias else None
+    first = _first_stack(module)
+    w1, w2 = _weights(module, first), _weights(module, "down_proj")
+    b1 = _raw(module, f"{first}_bias") if module.has_bias else None
     b2 = _raw(module, "down_proj_bias") if module.has_bias else None
+    if isinstance(act, Generic):
+        return _generic_forward(module, hidden_states, routing, top_k_weights, w1, w2, b1, b2)
     if wrapper is not None:  # peft's adapters on the stacks, read off its ParamWrapper
         from ..lora.experts import expert_mlp_lora
         from ..lora.peft import lora_from_peft_param_wrapper
@@ -204,6 +227,18 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
             return expert_mlp_lora(hidden_states, routing, top_k_weights, w1, w2, lora, b1, b2,
                                    act)
     return expert_mlp(hidden_states, routing, top_k_weights, w1, w2, b1, b2, act)
+
+
+def _generic_forward(module: nn.Module, x: torch.Tensor, routing, top_k_weights: torch.Tensor,
+                     w1, w2, b1, b2) -> torch.Tensor:
+    """groupmoe's routing, gathers and grouped GEMMs around the module's own activation (and
+    post-expert norm), all under autograd: grouped, not memory-lean."""
+    offs, idx = routing.offsets, routing.expert_index
+    h = grouped_linear(x.index_select(0, routing.token_index), w1, offs, b1, idx)
+    y = grouped_linear(own_activation(module)(h), w2, offs, b2, idx)
+    if getattr(module, "has_post_expert_norm", False):
+        y = module.post_expert_norm(y)
+    return combine(y, routing, top_k_weights).to(x.dtype)
 
 
 def _check_peft_on_4bit(module: nn.Module, wrapper: nn.Module, reason: str | None) -> None:
@@ -222,7 +257,7 @@ def _check_peft_on_4bit(module: nn.Module, wrapper: nn.Module, reason: str | Non
                          f"stacks itself")
 
 
-def _prepare(module: nn.Module) -> Activation:
+def _prepare(module: nn.Module) -> Activation | Generic:
     module._groupmoe_act = _activation(module)
     return module._groupmoe_act
 
@@ -267,8 +302,8 @@ def _peft_wrapper_forward(wrapper: nn.Module):
 def _runs_grouped(module: nn.Module, x: torch.Tensor) -> bool:
     """Whether :func:`experts_forward` runs a patched ``module`` on ``x`` grouped (its static
     checks passed at :func:`patch`, which prepared its activation)."""
-    prepared = getattr(module, "_groupmoe_act", None) is not None
-    return prepared and _runtime_reason(module, x, None) is None
+    act = getattr(module, "_groupmoe_act", None)
+    return isinstance(act, Activation) and _runtime_reason(module, x, None) is None
 
 
 def patch(model: nn.Module) -> PatchReport:
@@ -295,7 +330,7 @@ def patch(model: nn.Module) -> PatchReport:
         if quant is not None:
             report.quantized[name] = quant
             share_parametrized_class(module)
-        _prepare(module)
+        report.paths[name] = path_name(_prepare(module))
         # the previous choice lives on the module, not the config (which is saved to disk)
         if _PREVIOUS not in module.__dict__:
             module.__dict__[_PREVIOUS] = module.config._experts_implementation
