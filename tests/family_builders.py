@@ -36,6 +36,14 @@ SIZES = {
     "n_routed_experts": NUM_EXPERTS,
     "moe_num_experts": NUM_EXPERTS,
     "swiglu_limit": 1.0,  # small enough that the clamp bites on tiny random inputs
+    # whole 4.x MoE blocks: routing and shared experts
+    "num_experts_per_tok": 2,
+    "n_group": 2,
+    "topk_group": 1,
+    "n_shared_experts": 1,
+    "shared_expert_intermediate_size": 12,
+    "expert_ffn_hidden_size": 12,
+    "zero_expert_num": 2,  # LongCat's identity experts, routed beside the MLP ones
 }
 MAX_PARAMS = 1_000_000  # a family whose sizes went unshrunk is refused, not allocated
 
@@ -99,11 +107,12 @@ def _experts_classes(models_dir: str, family: str) -> list[ExpertsClass]:
 
 
 def _config_classes(family: str) -> list[type]:
-    from transformers import PreTrainedConfig
+    import transformers
 
+    base = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
     mod = importlib.import_module(f"transformers.models.{family}.configuration_{family}")
     return [c for c in vars(mod).values() if isinstance(c, type)
-            and issubclass(c, PreTrainedConfig) and c.__module__ == mod.__name__]
+            and issubclass(c, base) and c.__module__ == mod.__name__]
 
 
 def _stem(config) -> str:
@@ -178,6 +187,57 @@ def _build_on(cls: type, config) -> nn.Module:
     if n > MAX_PARAMS:
         raise ValueError(f"{n} parameters: size attributes not shrunk (see SIZES)")
     return cls(config, **kwargs)
+
+
+def _is_modulelist_block(obj, module_name: str) -> bool:
+    """A transformers 4.x MoE block: an ``nn.Module`` whose ``__init__`` builds ``experts`` as an
+    ``nn.ModuleList``."""
+    if not (isinstance(obj, type) and issubclass(obj, nn.Module) and obj.__module__ == module_name
+            and "__init__" in vars(obj)):
+        return False
+    try:
+        source = inspect.getsource(obj.__init__)
+    except (OSError, TypeError):
+        return False
+    return "self.experts = nn.ModuleList" in source
+
+
+def discover_blocks() -> list[ExpertsClass]:
+    """Every MoE block whose experts are an ``nn.ModuleList`` (transformers 4.x), by name."""
+    import transformers.models
+
+    found = []
+    for models_dir in transformers.models.__path__:
+        for info in pkgutil.iter_modules([models_dir]):
+            path = os.path.join(models_dir, info.name, f"modeling_{info.name}.py")
+            with contextlib.suppress(OSError):
+                with open(path, encoding="utf-8") as f:
+                    if "self.experts = nn.ModuleList" not in f.read():
+                        continue
+            mod = _modeling_module(info.name)
+            if mod is not None:
+                found += [ExpertsClass(info.name, obj) for obj in vars(mod).values()
+                          if _is_modulelist_block(obj, mod.__name__)]
+    return sorted(found, key=lambda e: e.name)
+
+
+def build_block(ec: ExpertsClass, seed: int = 0) -> nn.Module:
+    """A tiny fp32 4.x MoE block with :data:`NUM_EXPERTS` routed expert MLPs."""
+    errors = []
+    for config in _candidates(ec):
+        _shrink(config)
+        try:
+            block = _build_on(ec.cls, config)
+            mlps = [e for e in block.experts if not isinstance(e, nn.Identity)]
+            if len(mlps) != NUM_EXPERTS:
+                raise ValueError(f"{len(mlps)} expert MLPs, not {NUM_EXPERTS}")
+        except Exception as e:
+            errors.append(f"{type(config).__name__}: {type(e).__name__}: {e}")
+            continue
+        block = block.float()
+        init_small(block, seed)
+        return block
+    raise RuntimeError(f"cannot build {ec.name}:\n  " + "\n  ".join(errors or ["no config"]))
 
 
 def init_small(module: nn.Module, seed: int = 0) -> None:

@@ -320,3 +320,80 @@ def test_gradient_checkpointing_with_jitter():
     ref = step(model, ids)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     _assert_close(step(model, ids), ref)
+
+
+# ----- every 4.x MoE block with ModuleList experts, discovered -----
+
+def _discovered():
+    from family_builders import discover_blocks
+
+    return discover_blocks()
+
+
+NOT_MOE = {"VitPoseBackboneMoeMLP": "experts picked by a dataset index, not routed"}
+# blocks whose tiny build the generic builder cannot make from their config classes alone
+UNBUILDABLE = {"Qwen3OmniMoeTalkerTextSparseMoeBlock":
+               "reads shared_expert_intermediate_size, which its text config lacks"}
+
+
+def test_every_modulelist_block_is_patched_or_says_why():
+    from groupmoe.integrations import modulelist
+
+    names = [ec.name for ec in _discovered()]
+    assert "MixtralSparseMoeBlock" in names and "DeepseekV3MoE" in names
+    unknown = set(names) - set(modulelist.BLOCKS) - set(modulelist.UNSUPPORTED) - set(NOT_MOE)
+    assert not unknown, f"4.x MoE blocks groupmoe neither patches nor names: {sorted(unknown)}"
+
+
+class _Wrap(torch.nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def _block_step(model, x, seed=3):
+    model.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    torch.manual_seed(seed)  # the same jitter draw in both runs
+    out = model(x)
+    hidden = out[0] if isinstance(out, tuple) else out
+    up = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(4))
+    loss = (hidden * up).sum() + (out[1].pow(2).sum() if isinstance(out, tuple) else 0)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return hidden.detach(), x.grad, grads
+
+
+@pytest.mark.parametrize("ec", _discovered() if _major() == 4 else [], ids=lambda ec: ec.name)
+def test_modulelist_block_matches_its_own_forward(ec, monkeypatch):
+    """Each block, tiny and fp32, in training: output, input and every parameter gradient
+    (router included) equal to its own forward, or skipped with the reason in the report."""
+    import copy
+
+    from family_builders import build_block
+    from groupmoe.integrations import modulelist
+
+    if ec.name in NOT_MOE:
+        pytest.skip(NOT_MOE[ec.name])
+    if ec.name in UNBUILDABLE:
+        pytest.skip(UNBUILDABLE[ec.name])
+    ref = _Wrap(build_block(ec)).train()
+    model = copy.deepcopy(ref)
+    report = groupmoe.patch(model)
+    if not report.patched:
+        why = report.skipped.get("block", "")
+        assert why and (ec.name in modulelist.UNSUPPORTED or "identity experts" in why), report
+        pytest.skip(f"left to its own forward, as the report says: {why}")
+    calls = count_calls(monkeypatch, modulelist, "_experts")
+    x = torch.randn(2, 7, ref.block.experts[0].down_proj.out_features
+                    if hasattr(ref.block.experts[0], "down_proj")
+                    else ref.block.experts[0].w2.out_features)
+    want, got = _block_step(ref, x), _block_step(model, x)
+    assert calls, f"{ec.name} did not run grouped"
+    assert rel_err(got[0], want[0]) < 1e-5 and rel_err(got[1], want[1]) < 1e-4
+    assert got[2].keys() == want[2].keys()
+    for n in want[2]:
+        assert rel_err(got[2][n], want[2][n]) < 1e-4, n

@@ -1,9 +1,14 @@
 """transformers 4.x MoE blocks whose experts are an ``nn.ModuleList`` of MLPs (seed 003).
 
-The block's forward is replaced by: router (the model's exact rule: softmax in fp32, top-k,
-renormalise as the model does, Mixtral's training jitter, weights cast to the activations'
-dtype) -> groupmoe's grouped expert MLP on stacks of the experts' weights -> the model's
-shared expert, returning what the model returned (``(hidden, router_logits)`` or ``hidden``).
+For blocks that route in their forward (:data:`BLOCKS`: Qwen2/3-MoE, Qwen3-Next, Qwen3-Omni,
+OLMoE, FlexOlmo, Mixtral, MiniMax, Jamba) the forward is replaced by: router (the model's exact
+rule: softmax in fp32, top-k, renormalise as the model does, Mixtral's training jitter,
+weights cast to the activations' dtype) -> groupmoe's grouped expert MLP on stacks of the
+experts' weights -> the model's shared expert, returning what the model returned
+(``(hidden, router_logits)`` or ``hidden``). Blocks that route themselves and hand a
+``moe(hidden, topk_indices, topk_weights)`` method the result (DeepSeek-V2/V3, dots1,
+GLM-4-MoE, GLM-4.1V-MoE) keep their router; only ``moe`` is replaced. :data:`UNSUPPORTED`
+blocks stay on their own forward, with the reason in the patch report.
 peft LoRA on the experts' Linears (``LoraConfig(target_modules=["gate_proj", ...])``) runs
 grouped too: each projection's per-expert ``lora_A``/``lora_B`` are stacked the same way and
 applied by :func:`groupmoe.lora.expert_mlp_lora`, gate and up side by side.
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import types
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -35,19 +41,58 @@ from . import modulelist_4bit as q4
 
 log = logging.getLogger("groupmoe")
 
-# block class -> names of the gate, up and down projections inside each expert
-BLOCKS: dict[str, tuple[str, str, str]] = {
-    "Qwen3MoeSparseMoeBlock": ("gate_proj", "up_proj", "down_proj"),
-    "Qwen2MoeSparseMoeBlock": ("gate_proj", "up_proj", "down_proj"),
-    "OlmoeSparseMoeBlock": ("gate_proj", "up_proj", "down_proj"),
-    "MixtralSparseMoeBlock": ("w1", "w3", "w2"),
+@dataclass(frozen=True)
+class BlockKind:
+    """How a 4.x ModuleList MoE block names its experts' projections and routes.
+
+    ``projections``: the gate, up and down Linears inside each expert. Blocks that route in
+    their forward (fp32 softmax over ``router``'s logits, top-k, renormalised ``"always"``,
+    per ``norm_topk_prob`` (``"flag"``) or ``"never"``, cast to the activations' dtype) get
+    that forward replaced; ``own_router`` blocks keep their router (DeepSeek's grouped top-k,
+    expert bias, scaling) and hand ``moe(x, ids, weights)`` its result: only ``moe`` is
+    replaced.
+    """
+
+    projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    router: str = "gate"
+    renorm: str = "flag"
+    own_router: bool = False
+
+
+_MIXTRAL = BlockKind(("w1", "w3", "w2"), renorm="always")
+_ROUTES_ITSELF = BlockKind(own_router=True)
+BLOCKS: dict[str, BlockKind] = {
+    **dict.fromkeys(("Qwen3MoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock",
+                     "Qwen3NextSparseMoeBlock", "Qwen3OmniMoeThinkerTextSparseMoeBlock",
+                     "Qwen3OmniMoeTalkerTextSparseMoeBlock", "OlmoeSparseMoeBlock",
+                     "FlexOlmoSparseMoeBlock"), BlockKind()),
+    "MixtralSparseMoeBlock": _MIXTRAL,
+    "MiniMaxSparseMoeBlock": _MIXTRAL,
+    "JambaSparseMoeBlock": BlockKind(router="router", renorm="never"),
+    **dict.fromkeys(("DeepseekV2MoE", "DeepseekV3MoE", "Dots1MoE", "Glm4MoeMoE",
+                     "Glm4vMoeTextMoE", "LongcatFlashMoE"), _ROUTES_ITSELF),
+}
+# 4.x ModuleList blocks groupmoe leaves to their own forward, and why (named in the report)
+UNSUPPORTED: dict[str, str] = {
+    "PhimoeSparseMoeBlock": "sparsemixer routing (masked sequential top-1, sampled in training)",
+    "Ernie4_5_MoeSparseMoeBlock": "fp32 router with a selection bias and clamped "
+                                  "renormalisation",
+    "HunYuanMoEV1Moe": "router wrapped in HunYuanMoEV1Gate",
 }
 _ORIGINAL = "_groupmoe_original_forward"
 _warned: set[tuple[str, str]] = set()
 
 
+def _kind(block: nn.Module) -> BlockKind:
+    return BLOCKS[type(block).__name__]
+
+
+def _router(block: nn.Module) -> nn.Module | None:
+    return getattr(block, _kind(block).router, None)
+
+
 def _projections(block: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
-    names = BLOCKS[type(block).__name__]
+    names = _kind(block).projections
     return [tuple(getattr(e, n, None) for n in names) for e in block.experts]
 
 
@@ -62,7 +107,7 @@ def _lora(block: nn.Module, runtime: bool) -> ExpertLoRA | str | None:
     """The experts' peft LoRA as stacked factors (gate and up side by side), ``None`` without
     adapters, or why it cannot run grouped."""
     projs = _projections(block)
-    names = BLOCKS[type(block).__name__]
+    names = _kind(block).projections
     factors = []
     for i, name in enumerate(names):
         f = lora_factors_from_linears([p[i] for p in projs], runtime)
@@ -86,8 +131,10 @@ def _is_4bit(block: nn.Module) -> bool:
 
 
 def _static_reason(block: nn.Module) -> str | None:
-    if not isinstance(getattr(block, "gate", None), nn.Linear):
+    if not _kind(block).own_router and not isinstance(_router(block), nn.Linear):
         return "router is not a plain nn.Linear"
+    if any(isinstance(e, nn.Identity) for e in block.experts):
+        return "zero-compute identity experts among the routed ones"
     for idx, projs in enumerate(_projections(block)):
         for lin in map(_base, projs):
             if lin is None or not isinstance(getattr(lin, "weight", None), torch.Tensor):
@@ -129,11 +176,12 @@ def _returns_router_logits(block: nn.Module) -> bool:
     """Whether the model's own forward returns ``(hidden, router_logits)`` (the contract
     changed across 4.x releases for some models): probed once with a one-token input, in
     eval mode so no jitter draws from the RNG."""
-    w = block.gate.weight
-    dtype = w.quant_state.dtype if q4.is_4bit(block.gate) else w.dtype
+    router = _router(block)
+    w = router.weight
+    dtype = w.quant_state.dtype if q4.is_4bit(router) else w.dtype
     # with autograd on: bitsandbytes repacks 4-bit weights for its CPU kernel in a no-grad eval
     # call, a layout groupmoe does not read
-    probe = torch.zeros(1, 1, block.gate.in_features, dtype=dtype, device=w.device,
+    probe = torch.zeros(1, 1, router.in_features, dtype=dtype, device=w.device,
                         requires_grad=True)
     was_training = block.training
     block.eval()
@@ -152,37 +200,60 @@ def _weight_pieces(lins: list[list[nn.Module]]) -> tuple[list[torch.Tensor], lis
     return gate_up, [d.weight for d in downs]
 
 
-def grouped_block_forward(self: nn.Module, hidden_states: torch.Tensor):
-    """Replacement forward of a ModuleList MoE block (see module docstring)."""
-    lora = _lora(self, runtime=True)
-    lins = _base_lins(self)
-    reason = lora if isinstance(lora, str) else _runtime_reason(lins, hidden_states)
+def _check_call(block: nn.Module, x: torch.Tensor):
+    """``(lora, lins, None)`` when this call runs grouped, else ``(.., .., why)`` (warned)."""
+    lora = _lora(block, runtime=True)
+    lins = _base_lins(block)
+    reason = lora if isinstance(lora, str) else _runtime_reason(lins, x)
     if reason is not None:
-        key = (type(self).__name__, reason)
+        key = (type(block).__name__, reason)
         if key not in _warned:
             _warned.add(key)
             log.warning("groupmoe: %s runs its original forward: %s", key[0], reason)
+    return lora, lins, reason
+
+
+def _experts(block: nn.Module, lins, lora, x: torch.Tensor, ids: torch.Tensor,
+             weights: torch.Tensor) -> torch.Tensor:
+    # ids are topk over the router's scores: in range, so the experts skip the range check
+    # and its device sync per layer
+    if q4.is_4bit(lins[0][0]):
+        gate_up, down = q4.nf4_stacks(block, lins)
+        experts = QuantizedGroupedExperts(gate_up, down, SwiGLU(), compute_dtype=x.dtype)
+        return experts(x, ids, weights, lora=lora, check_ids=False)
+    return _dense_experts(lins, x, ids, weights, lora)
+
+
+def grouped_moe(self: nn.Module, hidden_states: torch.Tensor, topk_indices: torch.Tensor,
+                topk_weights: torch.Tensor) -> torch.Tensor:
+    """Replacement ``moe`` of blocks that route themselves (DeepSeek-style): the routed
+    experts, grouped; fp32 router weights keep the original's fp32 result."""
+    lora, lins, reason = _check_call(self, hidden_states)
+    if reason is not None:
+        return getattr(self, _ORIGINAL)(hidden_states, topk_indices, topk_weights)
+    out = _experts(self, lins, lora, hidden_states, topk_indices, topk_weights)
+    return out.to(torch.promote_types(out.dtype, topk_weights.dtype))
+
+
+def grouped_block_forward(self: nn.Module, hidden_states: torch.Tensor):
+    """Replacement forward of a ModuleList MoE block (see module docstring)."""
+    lora, lins, reason = _check_call(self, hidden_states)
+    if reason is not None:
         return getattr(self, _ORIGINAL)(hidden_states)
+    kind = _kind(self)
     shape = hidden_states.shape
     jitter = getattr(self, "jitter_noise", 0.0)
     if self.training and jitter > 0:  # Mixtral: jittered input feeds router and experts
         hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
             1.0 - jitter, 1.0 + jitter)
     x = hidden_states.reshape(-1, shape[-1])
-    router_logits = self.gate(x)
+    router_logits = _router(self)(x)
     weights = F.softmax(router_logits, dim=1, dtype=torch.float)
     weights, ids = torch.topk(weights, self.top_k, dim=-1)
-    if type(self).__name__ == "MixtralSparseMoeBlock" or getattr(self, "norm_topk_prob", False):
+    if kind.renorm == "always" or (kind.renorm == "flag" and getattr(self, "norm_topk_prob",
+                                                                      False)):
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    weights = weights.to(x.dtype)
-    # ids are topk over the router's scores: in range, so the experts skip the range check
-    # and its device sync per layer
-    if q4.is_4bit(lins[0][0]):
-        gate_up, down = q4.nf4_stacks(self, lins)
-        experts = QuantizedGroupedExperts(gate_up, down, SwiGLU(), compute_dtype=x.dtype)
-        out = experts(x, ids, weights, lora=lora, check_ids=False)
-    else:
-        out = _dense_experts(lins, x, ids, weights, lora)
+    out = _experts(self, lins, lora, x, ids, weights.to(x.dtype))
     if getattr(self, "shared_expert", None) is not None:
         shared = self.shared_expert(x)
         if getattr(self, "shared_expert_gate", None) is not None:
@@ -205,6 +276,10 @@ def _dense_experts(lins: list[list[nn.Module]], x: torch.Tensor, ids: torch.Tens
 def patch_modulelist_blocks(model: nn.Module, report) -> None:
     """Replace the forward of every eligible 4.x ModuleList MoE block; record in ``report``."""
     for name, block in model.named_modules():
+        if type(block).__name__ in UNSUPPORTED and \
+                isinstance(getattr(block, "experts", None), nn.ModuleList):
+            report.skipped[name] = UNSUPPORTED[type(block).__name__]
+            continue
         if type(block).__name__ not in BLOCKS or hasattr(block, _ORIGINAL) or \
                 not isinstance(getattr(block, "experts", None), nn.ModuleList):
             continue  # transformers 5 blocks of the same name hold stacked experts
@@ -212,9 +287,13 @@ def patch_modulelist_blocks(model: nn.Module, report) -> None:
         if reason is not None:
             report.skipped[name] = reason
             continue
-        setattr(block, _ORIGINAL, block.forward)
-        block._groupmoe_returns_logits = _returns_router_logits(block)
-        block.forward = types.MethodType(grouped_block_forward, block)
+        if _kind(block).own_router:
+            setattr(block, _ORIGINAL, block.moe)
+            block.moe = types.MethodType(grouped_moe, block)
+        else:
+            setattr(block, _ORIGINAL, block.forward)
+            block._groupmoe_returns_logits = _returns_router_logits(block)
+            block.forward = types.MethodType(grouped_block_forward, block)
         report.patched.append(name)
         if _is_4bit(block):
             report.quantized[name] = q4.describe(_base_lins(block))
@@ -223,10 +302,11 @@ def patch_modulelist_blocks(model: nn.Module, report) -> None:
 def unpatch_modulelist_blocks(model: nn.Module) -> None:
     """Restore the original forwards (only those groupmoe replaced)."""
     for block in model.modules():
-        if hasattr(block, _ORIGINAL) and getattr(block.forward, "__func__", None) \
-                is grouped_block_forward:
-            block.forward = getattr(block, _ORIGINAL)
-            del block.__dict__["forward"]
-            delattr(block, _ORIGINAL)
-            delattr(block, "_groupmoe_returns_logits")
-            q4.drop_cache(block)
+        if not hasattr(block, _ORIGINAL):
+            continue
+        for attr, fn in (("forward", grouped_block_forward), ("moe", grouped_moe)):
+            if getattr(block.__dict__.get(attr), "__func__", None) is fn:
+                del block.__dict__[attr]  # the class's own method shows through again
+                delattr(block, _ORIGINAL)
+                block.__dict__.pop("_groupmoe_returns_logits", None)
+                q4.drop_cache(block)
