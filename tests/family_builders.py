@@ -38,6 +38,8 @@ SIZES = {
     "swiglu_limit": 1.0,  # small enough that the clamp bites on tiny random inputs
     # whole 4.x MoE blocks: routing and shared experts
     "num_experts_per_tok": 2,
+    "moe_topk": 2,  # Hunyuan's name for it
+    "moe_k": 2,  # ERNIE 4.5's
     "n_group": 2,
     "topk_group": 1,
     "n_shared_experts": 1,

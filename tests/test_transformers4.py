@@ -341,8 +341,8 @@ def test_every_modulelist_block_is_patched_or_says_why():
 
     names = [ec.name for ec in _discovered()]
     assert "MixtralSparseMoeBlock" in names and "DeepseekV3MoE" in names
-    unknown = set(names) - set(modulelist.BLOCKS) - set(modulelist.UNSUPPORTED) - set(NOT_MOE)
-    assert not unknown, f"4.x MoE blocks groupmoe neither patches nor names: {sorted(unknown)}"
+    unknown = set(names) - set(modulelist.BLOCKS) - set(NOT_MOE)
+    assert not unknown, f"4.x MoE blocks groupmoe does not know: {sorted(unknown)}"
 
 
 class _Wrap(torch.nn.Module):
@@ -363,7 +363,9 @@ def _block_step(model, x, seed=3):
     up = torch.randn(hidden.shape, generator=torch.Generator().manual_seed(4))
     loss = (hidden * up).sum() + (out[1].pow(2).sum() if isinstance(out, tuple) else 0)
     loss.backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    # an expert no token reached: None in the loop, zeros from the grouped op
+    grads = {n: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+             for n, p in model.named_parameters()}
     return hidden.detach(), x.grad, grads
 
 
@@ -385,7 +387,7 @@ def test_modulelist_block_matches_its_own_forward(ec, monkeypatch):
     report = groupmoe.patch(model)
     if not report.patched:
         why = report.skipped.get("block", "")
-        assert why and (ec.name in modulelist.UNSUPPORTED or "identity experts" in why), report
+        assert "identity experts" in why, report  # LongCat-Flash, the one left on its own
         pytest.skip(f"left to its own forward, as the report says: {why}")
     calls = count_calls(monkeypatch, modulelist, "_experts")
     x = torch.randn(2, 7, ref.block.experts[0].down_proj.out_features

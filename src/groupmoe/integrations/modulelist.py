@@ -1,14 +1,15 @@
 """transformers 4.x MoE blocks whose experts are an ``nn.ModuleList`` of MLPs (seed 003).
 
 For blocks that route in their forward (:data:`BLOCKS`: Qwen2/3-MoE, Qwen3-Next, Qwen3-Omni,
-OLMoE, FlexOlmo, Mixtral, MiniMax, Jamba) the forward is replaced by: router (the model's exact
-rule: softmax in fp32, top-k, renormalise as the model does, Mixtral's training jitter,
-weights cast to the activations' dtype) -> groupmoe's grouped expert MLP on stacks of the
+OLMoE, FlexOlmo, Mixtral, MiniMax, Phi-MoE, Jamba, Hunyuan, ERNIE 4.5) the forward is replaced
+by: the router, run by the model's exact rule (softmax in fp32, top-k, renormalised as the
+model does; Mixtral's training jitter, Phi-MoE's sparsemixer, ERNIE's biased fp32 router), the
+weights cast to the activations' dtype -> groupmoe's grouped expert MLP on stacks of the
 experts' weights -> the model's shared expert, returning what the model returned
 (``(hidden, router_logits)`` or ``hidden``). Blocks that route themselves and hand a
 ``moe(hidden, topk_indices, topk_weights)`` method the result (DeepSeek-V2/V3, dots1,
-GLM-4-MoE, GLM-4.1V-MoE) keep their router; only ``moe`` is replaced. :data:`UNSUPPORTED`
-blocks stay on their own forward, with the reason in the patch report.
+GLM-4-MoE, GLM-4.1V-MoE) keep their router; only ``moe`` is replaced. LongCat-Flash's
+zero-compute identity experts keep it on its own forward, with the reason in the report.
 peft LoRA on the experts' Linears (``LoraConfig(target_modules=["gate_proj", ...])``) runs
 grouped too: each projection's per-expert ``lora_A``/``lora_B`` are stacked the same way and
 applied by :func:`groupmoe.lora.expert_mlp_lora`, gate and up side by side.
@@ -23,7 +24,9 @@ dequantize path instead (:mod:`groupmoe.integrations.modulelist_4bit`).
 from __future__ import annotations
 
 import logging
+import sys
 import types
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,25 +44,58 @@ from . import modulelist_4bit as q4
 
 log = logging.getLogger("groupmoe")
 
+def _softmax_topk(renorm: str):
+    """fp32 softmax, top-k, renormalised ``"always"``, per ``norm_topk_prob`` (``"flag"``) or
+    ``"never"``."""
+
+    def route(block: nn.Module, logits: torch.Tensor):
+        weights, ids = torch.topk(F.softmax(logits, dim=1, dtype=torch.float), block.top_k, -1)
+        if renorm == "always" or (renorm == "flag" and getattr(block, "norm_topk_prob", False)):
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, ids
+
+    return route
+
+
+def _ernie_route(block: nn.Module, logits: torch.Tensor):
+    """ERNIE 4.5: experts chosen on the probabilities plus a correction bias, weighted by the
+    unbiased ones, renormalised with a floor."""
+    probs = F.softmax(logits, dim=1, dtype=torch.float)
+    _, ids = torch.topk(block.moe_statics(probs), block.top_k, dim=-1)
+    weights = probs.gather(-1, ids)
+    return weights / weights.sum(dim=-1, keepdim=True).clamp(min=block.norm_min), ids
+
+
+def _model_route(name: str):
+    """The model's own routing function ``name(logits, jitter_eps=, training=)`` from the
+    block's module (Phi-MoE's sparsemixer: masked sequential top-1, sampled in training)."""
+
+    def route(block: nn.Module, logits: torch.Tensor):
+        fn = getattr(sys.modules[type(block).__module__], name)
+        return fn(logits, jitter_eps=block.router_jitter_noise, training=block.training)
+
+    return route
+
+
 @dataclass(frozen=True)
 class BlockKind:
     """How a 4.x ModuleList MoE block names its experts' projections and routes.
 
     ``projections``: the gate, up and down Linears inside each expert. Blocks that route in
-    their forward (fp32 softmax over ``router``'s logits, top-k, renormalised ``"always"``,
-    per ``norm_topk_prob`` (``"flag"``) or ``"never"``, cast to the activations' dtype) get
-    that forward replaced; ``own_router`` blocks keep their router (DeepSeek's grouped top-k,
+    their forward get that forward replaced: ``router`` (the attribute holding it) gives the
+    logits, ``route(block, logits) -> (weights, ids)`` the model's rule, the weights are cast to
+    the activations' dtype. ``own_router`` blocks keep their router (DeepSeek's grouped top-k,
     expert bias, scaling) and hand ``moe(x, ids, weights)`` its result: only ``moe`` is
     replaced.
     """
 
     projections: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     router: str = "gate"
-    renorm: str = "flag"
+    route: Callable = _softmax_topk("flag")
     own_router: bool = False
 
 
-_MIXTRAL = BlockKind(("w1", "w3", "w2"), renorm="always")
+_MIXTRAL = BlockKind(("w1", "w3", "w2"), route=_softmax_topk("always"))
 _ROUTES_ITSELF = BlockKind(own_router=True)
 BLOCKS: dict[str, BlockKind] = {
     **dict.fromkeys(("Qwen3MoeSparseMoeBlock", "Qwen2MoeSparseMoeBlock",
@@ -68,16 +104,12 @@ BLOCKS: dict[str, BlockKind] = {
                      "FlexOlmoSparseMoeBlock"), BlockKind()),
     "MixtralSparseMoeBlock": _MIXTRAL,
     "MiniMaxSparseMoeBlock": _MIXTRAL,
-    "JambaSparseMoeBlock": BlockKind(router="router", renorm="never"),
+    "PhimoeSparseMoeBlock": BlockKind(("w1", "w3", "w2"), route=_model_route("sparsemixer")),
+    "JambaSparseMoeBlock": BlockKind(router="router", route=_softmax_topk("never")),
+    "HunYuanMoEV1Moe": BlockKind(route=_softmax_topk("always")),
+    "Ernie4_5_MoeSparseMoeBlock": BlockKind(route=_ernie_route),
     **dict.fromkeys(("DeepseekV2MoE", "DeepseekV3MoE", "Dots1MoE", "Glm4MoeMoE",
                      "Glm4vMoeTextMoE", "LongcatFlashMoE"), _ROUTES_ITSELF),
-}
-# 4.x ModuleList blocks groupmoe leaves to their own forward, and why (named in the report)
-UNSUPPORTED: dict[str, str] = {
-    "PhimoeSparseMoeBlock": "sparsemixer routing (masked sequential top-1, sampled in training)",
-    "Ernie4_5_MoeSparseMoeBlock": "fp32 router with a selection bias and clamped "
-                                  "renormalisation",
-    "HunYuanMoEV1Moe": "router wrapped in HunYuanMoEV1Gate",
 }
 _ORIGINAL = "_groupmoe_original_forward"
 _warned: set[tuple[str, str]] = set()
@@ -131,8 +163,8 @@ def _is_4bit(block: nn.Module) -> bool:
 
 
 def _static_reason(block: nn.Module) -> str | None:
-    if not _kind(block).own_router and not isinstance(_router(block), nn.Linear):
-        return "router is not a plain nn.Linear"
+    if not _kind(block).own_router and not isinstance(_router(block), nn.Module):
+        return f"no router module at {_kind(block).router!r}"
     if any(isinstance(e, nn.Identity) for e in block.experts):
         return "zero-compute identity experts among the routed ones"
     for idx, projs in enumerate(_projections(block)):
@@ -176,12 +208,12 @@ def _returns_router_logits(block: nn.Module) -> bool:
     """Whether the model's own forward returns ``(hidden, router_logits)`` (the contract
     changed across 4.x releases for some models): probed once with a one-token input, in
     eval mode so no jitter draws from the RNG."""
-    router = _router(block)
-    w = router.weight
-    dtype = w.quant_state.dtype if q4.is_4bit(router) else w.dtype
+    first = _base(_projections(block)[0][0])  # an expert's gate projection: the input width
+    w = first.weight
+    dtype = w.quant_state.dtype if q4.is_4bit(first) else w.dtype
     # with autograd on: bitsandbytes repacks 4-bit weights for its CPU kernel in a no-grad eval
     # call, a layout groupmoe does not read
-    probe = torch.zeros(1, 1, router.in_features, dtype=dtype, device=w.device,
+    probe = torch.zeros(1, 1, first.in_features, dtype=dtype, device=w.device,
                         requires_grad=True)
     was_training = block.training
     block.eval()
@@ -235,30 +267,43 @@ def grouped_moe(self: nn.Module, hidden_states: torch.Tensor, topk_indices: torc
     return out.to(torch.promote_types(out.dtype, topk_weights.dtype))
 
 
+_SHARED = ("shared_expert", "shared_mlp", "shared_experts")  # always-on experts, by family
+
+
+def _logits(block: nn.Module, hidden_states: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The router's logits ``[tokens, E]``, as the model computes them: fp32 Linear routers
+    (ERNIE 4.5) on fp32 input outside autocast; wrapped routers (Hunyuan's gate) on the
+    block's input, which they reshape and cast themselves."""
+    router = _router(block)
+    if not isinstance(router, nn.Linear):
+        return router(hidden_states).reshape(x.shape[0], -1)
+    if router.weight.dtype == torch.float32 and x.dtype != torch.float32:
+        with torch.autocast(x.device.type, enabled=False):
+            return router(x.float())
+    return router(x)
+
+
 def grouped_block_forward(self: nn.Module, hidden_states: torch.Tensor):
     """Replacement forward of a ModuleList MoE block (see module docstring)."""
     lora, lins, reason = _check_call(self, hidden_states)
     if reason is not None:
         return getattr(self, _ORIGINAL)(hidden_states)
-    kind = _kind(self)
     shape = hidden_states.shape
-    jitter = getattr(self, "jitter_noise", 0.0)
-    if self.training and jitter > 0:  # Mixtral: jittered input feeds router and experts
+    # Mixtral's and Phi-MoE's training jitter: the jittered input feeds router and experts
+    jitter = getattr(self, "jitter_noise", 0.0) or getattr(self, "input_jitter_noise", 0.0)
+    if self.training and jitter > 0:
         hidden_states = hidden_states * torch.empty_like(hidden_states).uniform_(
             1.0 - jitter, 1.0 + jitter)
     x = hidden_states.reshape(-1, shape[-1])
-    router_logits = _router(self)(x)
-    weights = F.softmax(router_logits, dim=1, dtype=torch.float)
-    weights, ids = torch.topk(weights, self.top_k, dim=-1)
-    if kind.renorm == "always" or (kind.renorm == "flag" and getattr(self, "norm_topk_prob",
-                                                                      False)):
-        weights = weights / weights.sum(dim=-1, keepdim=True)
+    router_logits = _logits(self, hidden_states, x)
+    weights, ids = _kind(self).route(self, router_logits)
     out = _experts(self, lins, lora, x, ids, weights.to(x.dtype))
-    if getattr(self, "shared_expert", None) is not None:
-        shared = self.shared_expert(x)
-        if getattr(self, "shared_expert_gate", None) is not None:
-            shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
-        out = out + shared
+    shared = next((m for m in (getattr(self, n, None) for n in _SHARED) if m is not None), None)
+    if shared is not None:
+        y = shared(x)
+        if getattr(self, "shared_expert_gate", None) is not None:  # Qwen2-MoE's sigmoid gate
+            y = torch.sigmoid(self.shared_expert_gate(x)) * y
+        out = out + y
     out = out.reshape(shape)
     return (out, router_logits) if self._groupmoe_returns_logits else out
 
@@ -276,10 +321,6 @@ def _dense_experts(lins: list[list[nn.Module]], x: torch.Tensor, ids: torch.Tens
 def patch_modulelist_blocks(model: nn.Module, report) -> None:
     """Replace the forward of every eligible 4.x ModuleList MoE block; record in ``report``."""
     for name, block in model.named_modules():
-        if type(block).__name__ in UNSUPPORTED and \
-                isinstance(getattr(block, "experts", None), nn.ModuleList):
-            report.skipped[name] = UNSUPPORTED[type(block).__name__]
-            continue
         if type(block).__name__ not in BLOCKS or hasattr(block, _ORIGINAL) or \
                 not isinstance(getattr(block, "experts", None), nn.ModuleList):
             continue  # transformers 5 blocks of the same name hold stacked experts
