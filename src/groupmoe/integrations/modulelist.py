@@ -8,8 +8,9 @@ weights cast to the activations' dtype -> groupmoe's grouped expert MLP on stack
 experts' weights -> the model's shared expert, returning what the model returned
 (``(hidden, router_logits)`` or ``hidden``). Blocks that route themselves and hand a
 ``moe(hidden, topk_indices, topk_weights)`` method the result (DeepSeek-V2/V3, dots1,
-GLM-4-MoE, GLM-4.1V-MoE) keep their router; only ``moe`` is replaced. LongCat-Flash's
-zero-compute identity experts keep it on its own forward, with the reason in the report.
+GLM-4-MoE, GLM-4.1V-MoE, LongCat-Flash) keep their router; only ``moe`` is replaced. LongCat's
+zero-compute identity experts add ``w * x`` outside the grouped op, their slots given to one
+extra expert of zeros inside it (no data-dependent shapes; the rows cost GEMM time).
 peft LoRA on the experts' Linears (``LoraConfig(target_modules=["gate_proj", ...])``) runs
 grouped too: each projection's per-expert ``lora_A``/``lora_B`` are stacked the same way and
 applied by :func:`groupmoe.lora.expert_mlp_lora`, gate and up side by side.
@@ -34,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..lora.experts import expert_mlp_lora
-from ..lora.factors import ExpertLoRA, concat_outputs
+from ..lora.factors import ExpertLoRA, LoRAFactors, concat_outputs
 from ..lora.peft import lora_factors_from_linears
 from ..ops.activations import SwiGLU
 from ..ops.experts import expert_mlp
@@ -123,9 +124,15 @@ def _router(block: nn.Module) -> nn.Module | None:
     return getattr(block, _kind(block).router, None)
 
 
+def _mlps(block: nn.Module) -> list[nn.Module]:
+    """The experts that compute: all but LongCat-Flash's zero-compute identity experts, which
+    come after them."""
+    return [e for e in block.experts if not isinstance(e, nn.Identity)]
+
+
 def _projections(block: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
     names = _kind(block).projections
-    return [tuple(getattr(e, n, None) for n in names) for e in block.experts]
+    return [tuple(getattr(e, n, None) for n in names) for e in _mlps(block)]
 
 
 def _base(lin: nn.Module | None) -> nn.Module | None:
@@ -165,8 +172,11 @@ def _is_4bit(block: nn.Module) -> bool:
 def _static_reason(block: nn.Module) -> str | None:
     if not _kind(block).own_router and not isinstance(_router(block), nn.Module):
         return f"no router module at {_kind(block).router!r}"
-    if any(isinstance(e, nn.Identity) for e in block.experts):
-        return "zero-compute identity experts among the routed ones"
+    n = len(_mlps(block))
+    if any(not isinstance(e, nn.Identity) for e in list(block.experts)[n:]):
+        return "identity experts mixed in among the computing ones"
+    if n < len(block.experts) and (not _kind(block).own_router or _is_4bit(block)):
+        return "identity experts outside a moe() method, or with 4-bit experts"
     for idx, projs in enumerate(_projections(block)):
         for lin in map(_base, projs):
             if lin is None or not isinstance(getattr(lin, "weight", None), torch.Tensor):
@@ -246,14 +256,14 @@ def _check_call(block: nn.Module, x: torch.Tensor):
 
 
 def _experts(block: nn.Module, lins, lora, x: torch.Tensor, ids: torch.Tensor,
-             weights: torch.Tensor) -> torch.Tensor:
+             weights: torch.Tensor, zero_expert: bool = False) -> torch.Tensor:
     # ids are topk over the router's scores: in range, so the experts skip the range check
     # and its device sync per layer
     if q4.is_4bit(lins[0][0]):
         gate_up, down = q4.nf4_stacks(block, lins)
         experts = QuantizedGroupedExperts(gate_up, down, SwiGLU(), compute_dtype=x.dtype)
         return experts(x, ids, weights, lora=lora, check_ids=False)
-    return _dense_experts(lins, x, ids, weights, lora)
+    return _dense_experts(lins, x, ids, weights, lora, zero_expert)
 
 
 def grouped_moe(self: nn.Module, hidden_states: torch.Tensor, topk_indices: torch.Tensor,
@@ -263,8 +273,18 @@ def grouped_moe(self: nn.Module, hidden_states: torch.Tensor, topk_indices: torc
     lora, lins, reason = _check_call(self, hidden_states)
     if reason is not None:
         return getattr(self, _ORIGINAL)(hidden_states, topk_indices, topk_weights)
-    out = _experts(self, lins, lora, hidden_states, topk_indices, topk_weights)
-    return out.to(torch.promote_types(out.dtype, topk_weights.dtype))
+    n = len(lins[0])
+    if n == len(self.experts):
+        out = _experts(self, lins, lora, hidden_states, topk_indices, topk_weights)
+        return out.to(torch.promote_types(out.dtype, topk_weights.dtype))
+    # LongCat's identity experts (ids >= n): their slots go to one extra all-zero expert in
+    # the grouped op (no data-dependent shapes), and w * x is added outside it
+    identity = topk_indices >= n
+    ids = topk_indices.masked_fill(identity, n)
+    out = _experts(self, lins, lora, hidden_states, ids, topk_weights.masked_fill(identity, 0),
+                   zero_expert=True)
+    skip = (topk_weights * identity).sum(dim=-1, keepdim=True) * hidden_states
+    return (out + skip).to(torch.promote_types(out.dtype, topk_weights.dtype))
 
 
 _SHARED = ("shared_expert", "shared_mlp", "shared_experts")  # always-on experts, by family
@@ -308,10 +328,29 @@ def grouped_block_forward(self: nn.Module, hidden_states: torch.Tensor):
     return (out, router_logits) if self._groupmoe_returns_logits else out
 
 
+def _pad_lora(lora: ExpertLoRA) -> ExpertLoRA:
+    """``lora`` with a zero adapter for one more expert."""
+
+    def pad(f: LoRAFactors | None) -> LoRAFactors | None:
+        if f is None:
+            return None
+        return LoRAFactors(torch.cat([f.a, f.a.new_zeros(1, *f.a.shape[1:])]),
+                           torch.cat([f.b, f.b.new_zeros(1, *f.b.shape[1:])]), f.scale)
+
+    return ExpertLoRA(pad(lora.gate_up), pad(lora.down))
+
+
 def _dense_experts(lins: list[list[nn.Module]], x: torch.Tensor, ids: torch.Tensor,
-                   weights: torch.Tensor, lora: ExpertLoRA | None) -> torch.Tensor:
-    """The routed experts on the experts' float weights (stacked inside the ops)."""
+                   weights: torch.Tensor, lora: ExpertLoRA | None,
+                   zero_expert: bool = False) -> torch.Tensor:
+    """The routed experts on the experts' float weights (stacked inside the ops);
+    ``zero_expert`` appends an expert of zeros (id ``len(lins[0])``, its output zero)."""
     w1, w2 = _weight_pieces(lins)
+    if zero_expert:
+        w1 = w1 + [torch.zeros_like(w1[0]), torch.zeros_like(w1[1])]
+        w2 = w2 + [torch.zeros_like(w2[0])]
+        if lora is not None:
+            lora = _pad_lora(lora)
     routing = build_routing(ids, len(w2), check_ids=False)
     if lora is None:
         return expert_mlp(x, routing, weights, w1, w2, activation=SwiGLU())
