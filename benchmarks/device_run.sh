@@ -50,7 +50,7 @@ for s in $stages; do
     # benchmarks/finetune_jobs.txt); a job's "--out DIR" goes under $OUT/ft; every job's
     # metrics, profile and plots are re-packed into $OUT/finetune.tgz after it (few files back)
     finetune) while read -r job; do
-          [ -z "$job" ] && continue
+          [[ -z "$job" || $job == \#* ]] && continue
           echo "--- groupmoe finetune $job"
           dir=$(sed -n 's/.*--out \([^ ]*\).*/\1/p' <<< "$job"); job=${job/--out $dir/}
           timeout 420 python3 -m groupmoe finetune --out "/tmp/ft/${dir:-probe}" $job 2>&1 \

@@ -224,22 +224,10 @@ def discover_blocks() -> list[ExpertsClass]:
 
 
 def build_block(ec: ExpertsClass, seed: int = 0) -> nn.Module:
-    """A tiny fp32 4.x MoE block with :data:`NUM_EXPERTS` routed expert MLPs."""
-    errors = []
-    for config in _candidates(ec):
-        _shrink(config)
-        try:
-            block = _build_on(ec.cls, config)
-            mlps = [e for e in block.experts if not isinstance(e, nn.Identity)]
-            if len(mlps) != NUM_EXPERTS:
-                raise ValueError(f"{len(mlps)} expert MLPs, not {NUM_EXPERTS}")
-        except Exception as e:
-            errors.append(f"{type(config).__name__}: {type(e).__name__}: {e}")
-            continue
-        block = block.float()
-        init_small(block, seed)
-        return block
-    raise RuntimeError(f"cannot build {ec.name}:\n  " + "\n  ".join(errors or ["no config"]))
+    """A tiny fp32 4.x MoE block with :data:`NUM_EXPERTS` routed expert MLPs (LongCat's
+    identity experts beside them)."""
+    return build(ec, seed, lambda block: sum(not isinstance(e, nn.Identity)
+                                             for e in block.experts))
 
 
 def init_small(module: nn.Module, seed: int = 0) -> None:
@@ -250,15 +238,17 @@ def init_small(module: nn.Module, seed: int = 0) -> None:
             p.copy_(torch.randn(p.shape, generator=gen, dtype=p.dtype) * 0.2)
 
 
-def build(ec: ExpertsClass, seed: int = 0) -> nn.Module:
-    """A tiny fp32 ``ec.cls`` with small random parameters; raises with every attempt's error."""
+def build(ec: ExpertsClass, seed: int = 0, count=lambda m: m.num_experts) -> nn.Module:
+    """A tiny fp32 ``ec.cls`` with small random parameters; raises with every attempt's error.
+    ``count(module)``: its experts, which must be :data:`NUM_EXPERTS` (an expert count under a
+    name SIZES does not know would leave it unshrunk)."""
     errors = []
     for config in _candidates(ec):
         _shrink(config)
         try:
             module = _build_on(ec.cls, config)
-            if module.num_experts != NUM_EXPERTS:  # read an expert count SIZES does not name
-                raise ValueError(f"{module.num_experts} experts, not {NUM_EXPERTS}")
+            if count(module) != NUM_EXPERTS:
+                raise ValueError(f"{count(module)} experts, not {NUM_EXPERTS}")
         except Exception as e:  # the wrong config for this class: try the next one
             errors.append(f"{type(config).__name__}: {type(e).__name__}: {e}")
             continue

@@ -370,7 +370,9 @@ def patch_modulelist_blocks(model: nn.Module, report) -> None:
         if _kind(block).own_router:
             setattr(block, _ORIGINAL, block.moe)
             block.moe = types.MethodType(grouped_moe, block)
+            report.paths[name] = "fused expert op (swiglu) in moe(), the model's own router"
         else:
+            report.paths[name] = "fused expert op (swiglu) in a grouped block forward"
             setattr(block, _ORIGINAL, block.forward)
             block._groupmoe_returns_logits = _returns_router_logits(block)
             block.forward = types.MethodType(grouped_block_forward, block)
