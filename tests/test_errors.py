@@ -141,3 +141,14 @@ def test_block_hidden_size_mismatch():
     block = MoEBlock(8, 4, 4, top_k=2)
     with pytest.raises(ValueError, match="input hidden size 6"):
         block(torch.randn(3, 6))
+
+
+def test_block_input_dtype_or_device_mismatch():
+    """A float64 input to a float32 block: groupmoe's message naming both, not torch's raw
+    matmul error from the router."""
+    block = MoEBlock(8, 4, 4, top_k=2)
+    with pytest.raises(ValueError, match=r"TopKRouter: tensors must share one dtype, got "
+                                         r"x=torch.float64, router_weight=torch.float32"):
+        block(torch.randn(3, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="TopKRouter: tensors must share one device"):
+        block(torch.randn(3, 8, device="meta"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.checks import check
+from ..ops.checks import check, check_same_device, check_same_dtype
 from ..ops.router import RouterKind, route
 from ..ops.wgrad import linear
 
@@ -34,6 +34,9 @@ class TopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """Returns ``(x_for_experts, logits [T, E], weights [T, k], expert ids [T, k])``."""
+        w = self.gate.weight
+        check_same_device("TopKRouter", x=x, router_weight=w)
+        check_same_dtype("TopKRouter", x=x, router_weight=w)
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         logits = linear(x, self.gate.weight, self.gate.bias)  # dW deferrable
