@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One device call: GPU tests and the benchmarks, results under $OUT. Stages: tests layer
 # layer32k memory wgrad hf hf-profile qlora kernels triton-bwd peers profile fsdp finetune
-# (default: all but kernels, triton-bwd, peers, fsdp and finetune; peers needs liger-kernel's wheel in .whl, fsdp two
+# fsdp-tune layer-block (default: all but kernels, triton-bwd, peers, fsdp*, finetune and
+# layer-block; peers needs liger-kernel's wheel in .whl, fsdp two
 # GPUs). Run from the repository root.
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -68,6 +69,16 @@ for s in $stages; do
           echo "-- compiled, batch 4 / 8"; f --gpus 1 --compile; f --gpus 1 --compile --batch 8
           NCCL_MAX_CTAS=16 f --gpus 2 --compile --sm-carveout 16 --keep-unsharded
           NCCL_MAX_CTAS=16 f --gpus 2 --compile --batch 8 --sm-carveout 16 --keep-unsharded ;;
+    # the whole layer (MoEBlock with its router) against SonicMoE's, forward and train; the
+    # SonicMoE kit (../shared/peers/sonicmoe.sh) carried as .peer-sonicmoe
+    layer-block) if [ -d .peer-sonicmoe ]; then
+            PEER=$(mktemp -d) && tar -C "$PEER" -xJf .peer-sonicmoe/cutlass_dsl.tar.xz \
+              && python3 -m pip install -q --no-index --no-deps --target "$PEER" .peer-sonicmoe/*.whl \
+              && export PYTHONPATH=$PEER/nvidia_cutlass_dsl/python_packages:$PEER:$PYTHONPATH
+          fi
+          python3 -m groupmoe bench --tokens 8192 --shapes qwen3-30b-a3b olmoe-1b-7b mixtral-8x7b \
+            --modes forward train --impls groupmoe block sonicmoe dense --out "$OUT/layer_block.json" \
+            | grep '^|' ;;
     profile) python3 -m groupmoe.bench.profile --shape qwen3-30b-a3b --impls groupmoe dense \
                --rows 14 2>&1 \
                | awk '/^per step/ {print; next} !/^-----/ {print substr($0, 1, 60) substr($0, 100, 70)}' ;;

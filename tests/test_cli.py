@@ -4,6 +4,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from groupmoe.bench.layer import DEFAULT_IMPLS, IMPLS, bench_layer
 from groupmoe.bench.shapes import SHAPES, SMOKE_SHAPE
 from groupmoe.demo import run_demo
@@ -59,10 +61,26 @@ def test_bench_recompute_impl_runs():
 
 def test_bench_peer_unavailable_is_reported_not_timed():
     logs = []
-    rows = bench_layer([SMOKE_SHAPE], 16, modes=("train",), impls=("liger", "dense"), repeat=2,
-                       device="cpu", log=logs.append)
+    rows = bench_layer([SMOKE_SHAPE], 16, modes=("train",), impls=("liger", "sonicmoe", "dense"),
+                       repeat=2, device="cpu", log=logs.append)
     assert [r.impl for r in rows] == ["dense"]
-    assert any("liger" in line and "skipped: needs CUDA" in line for line in logs)
+    for peer in ("liger", "sonicmoe"):
+        assert any(peer in line and "skipped: needs CUDA" in line for line in logs)
+
+
+def test_bench_whole_layer_block_and_forward_mode():
+    """``block`` (MoEBlock with its router) in every mode; ``forward`` runs no backward; the
+    first step's time is reported (memory is CUDA-only)."""
+    from groupmoe.bench.layer import LayerProblem
+
+    rows = bench_layer([SMOKE_SHAPE], 16, modes=("train", "forward"), impls=("block", "dense"),
+                       repeat=1, device="cpu", log=lambda s: None)
+    assert [(r.mode, r.impl) for r in rows] == [("train", "block"), ("train", "dense"),
+                                                ("forward", "block"), ("forward", "dense")]
+    assert all(r.first_step_s > 0 and r.held_mib is None for r in rows)
+    prob = LayerProblem(SMOKE_SHAPE, 16, "forward", "cpu", torch.float32)
+    prob.step_fn("block")(0)
+    assert all(p.grad is None for p in prob.params())
 
 
 def test_wgrad_split_bench_smoke(tmp_path):

@@ -4,11 +4,15 @@ Implementations: ``loop`` (per-expert reference), ``naive`` (sort + grouped_mm +
 autograd), ``groupmoe`` (the fused memory-lean Function, ``save="h"``),
 ``groupmoe-recompute`` (``save="none"``), ``groupmoe-torch`` / ``groupmoe-triton`` (``save="h"``
 with ``backend="torch"`` / ``"triton"``: torch grouped_mm, or the fused Triton forward and
-backward kernels, against ``groupmoe``'s ``auto`` pick), peers (:mod:`groupmoe.bench.peers`:
-``liger``) and ``dense``: the same FLOPs as one
-dense GEMM chain ``act(x W1) W2`` over ``T*k`` rows, i.e. the GPU's speed at this work with
-routing free. Modes: ``train`` (expert weights get gradients, 3 GEMM passes) and ``frozen``
-(only dX, 2 passes).
+backward kernels, against ``groupmoe``'s ``auto`` pick), ``block`` (the whole layer:
+:class:`~groupmoe.MoEBlock` with its router on the hidden states, not handed the routing),
+peers (:mod:`groupmoe.bench.peers`: ``liger`` experts, ``sonicmoe`` whole layer) and
+``dense``: the same FLOPs as one dense GEMM chain ``act(x W1) W2`` over ``T*k`` rows, i.e. the
+GPU's speed at this work with routing free. Modes: ``train`` (expert weights get gradients, 3
+GEMM passes), ``frozen`` (only dX, 2 passes) and ``forward`` (the training forward alone).
+Besides time and peak memory each row has the memory held after the forward (what backward
+will need, the output included) and the time of the first step (compilation and autotuning
+included).
 """
 
 from __future__ import annotations
@@ -22,15 +26,16 @@ import torch
 
 from ..ops import build_routing, expert_mlp, expert_mlp_naive, expert_mlp_reference, route
 from ..ops.activations import get_activation
-from .peers import PEERS, liger_step, unavailable
+from .peers import PEERS, liger_forward, sonicmoe_forward, unavailable
 from .shapes import SHAPES, SMOKE_SHAPE, Shape
-from .timing import median_ms, peak_extra_bytes
+from .timing import first_call_s, held_bytes, median_ms, peak_extra_bytes
 
 IMPLS = ("loop", "naive", "groupmoe", "groupmoe-recompute", "dense", "groupmoe-torch",
-         "groupmoe-triton", *PEERS)
+         "groupmoe-triton", "block", *PEERS)
 IMPL_BACKENDS = {"groupmoe-torch": "torch", "groupmoe-triton": "triton"}  # else the default
 DEFAULT_IMPLS = ("loop", "naive", "groupmoe", "dense")
-MODES = ("train", "frozen")
+MODES = ("train", "frozen", "forward")
+DEFAULT_MODES = ("train", "frozen")
 
 
 @dataclass
@@ -42,6 +47,8 @@ class Row:
     ms: float
     tflops: float
     peak_extra_mib: float | None
+    held_mib: float | None = None
+    first_step_s: float | None = None
     x_dense: float | None = None
     x_naive: float | None = None
 
@@ -52,7 +59,7 @@ class LayerProblem:
     def __init__(self, shape: Shape, tokens: int, mode: str, device, dtype, sets: int = 3):
         self.shape, self.tokens, self.mode = shape, tokens, mode
         self.device = torch.device(device)
-        train = mode == "train"
+        train = mode in ("train", "forward")
         h, i, e = shape.hidden, shape.intermediate, shape.experts
         f = {"device": device, "dtype": dtype}
 
@@ -88,40 +95,73 @@ class LayerProblem:
         for t in tensors:
             t.grad = None
 
-    def step_fn(self, impl: str):
+    def forward_fn(self, impl: str):
+        """``forward(it) -> (out, dout)``: one training forward of ``impl`` on input set
+        ``it`` and the gradient its backward takes."""
         if impl == "liger":
-            return liger_step(self)
+            return liger_forward(self)
+        if impl == "sonicmoe":
+            return sonicmoe_forward(self)
+        if impl == "block":
+            return self._block_forward()
         weights = (self.w1, self.w2, self.b1, self.b2, self.act)
 
-        def step(it: int) -> None:
+        def forward(it: int):
             x, ids, gates, dout, xd = self.inputs[it % len(self.inputs)]
             self._clear([x, gates, xd, *self.params()])
             if impl == "dense":
                 out = self.act(xd @ self.dw1) @ self.dw2
-                out.backward(torch.ones_like(out))
-                return
+                return out, torch.ones_like(out)
             if impl == "loop":
-                out = expert_mlp_reference(x, ids, gates, *weights)
-            else:
-                # ids from route(): in range, so no range check (nor its device sync), as
-                # in the transformers integration and MoEBlock
-                routing = build_routing(ids, self.shape.experts, check_ids=False)
-                if impl == "naive":
-                    out = expert_mlp_naive(x, routing, gates, *weights)
-                else:
-                    save = "none" if impl == "groupmoe-recompute" else "h"
-                    out = expert_mlp(x, routing, gates, *weights, save=save,
-                                     backend=IMPL_BACKENDS.get(impl))
-            out.backward(dout)
+                return expert_mlp_reference(x, ids, gates, *weights), dout
+            # ids from route(): in range, so no range check (nor its device sync), as in the
+            # transformers integration and MoEBlock
+            routing = build_routing(ids, self.shape.experts, check_ids=False)
+            if impl == "naive":
+                return expert_mlp_naive(x, routing, gates, *weights), dout
+            save = "none" if impl == "groupmoe-recompute" else "h"
+            return expert_mlp(x, routing, gates, *weights, save=save,
+                              backend=IMPL_BACKENDS.get(impl)), dout
+
+        return forward
+
+    def _block_forward(self):
+        from ..nn import MoEBlock
+
+        s = self.shape
+        block = MoEBlock(s.hidden, s.intermediate, s.experts, s.top_k, router=s.router,
+                         router_bias=s.bias, activation=s.activation, expert_bias=s.bias,
+                         device=self.device, dtype=self.w1.dtype)
+        block.requires_grad_(self.mode == "train")
+        self.peer_weights += list(block.parameters())  # clear_grads() frees their grads
+
+        def forward(it: int):
+            x, _, _, dout, _ = self.inputs[it % len(self.inputs)]
+            self._clear([x, *block.parameters()])
+            return block(x)[0], dout
+
+        return forward
+
+    def step_fn(self, impl: str):
+        """One step of ``impl`` in this problem's mode (see :meth:`step_of`)."""
+        return self.step_of(self.forward_fn(impl))
+
+    def step_of(self, forward):
+        """A step of ``forward``: the forward, then (but in ``forward`` mode) its backward."""
+
+        def step(it: int) -> None:
+            out, dout = forward(it)
+            if self.mode != "forward":
+                out.backward(dout)
 
         return step
 
     def flops(self) -> int:
-        passes = 3 if self.mode == "train" else 2
+        passes = {"train": 3, "frozen": 2, "forward": 1}[self.mode]
         return passes * self.shape.flops_per_pass(self.tokens)
 
 
-def bench_layer(shapes, tokens: int, modes=MODES, impls=DEFAULT_IMPLS, device=None,
+def bench_layer(shapes, tokens: int, modes=DEFAULT_MODES, impls=DEFAULT_IMPLS, device=None,
                 dtype=torch.bfloat16, repeat: int = 20, log=print) -> list[Row]:
     """Time every (shape, mode, impl); returns rows with ratios to ``dense`` and ``naive``."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -135,22 +175,28 @@ def bench_layer(shapes, tokens: int, modes=MODES, impls=DEFAULT_IMPLS, device=No
                 if why:
                     log(f"  {shape.name:14s} {mode:6s} {impl:9s} skipped: {why}")
                     continue
-                step = prob.step_fn(impl)
+                forward = prob.forward_fn(impl)
+                step = prob.step_of(forward)
                 reps = max(3, repeat // 4) if impl == "loop" else repeat
                 try:
+                    first = first_call_s(step, device)
                     ms = median_ms(step, device, warmup=2 if impl == "loop" else 3, repeat=reps)
                     prob.clear_grads()  # measure from a state without last step's grads
                     peak = peak_extra_bytes(lambda s=step: s(0), device)
+                    prob.clear_grads()
+                    held = held_bytes(lambda f=forward: f(0), device)
                 except torch.OutOfMemoryError:
                     log(f"  {shape.name:14s} {mode:6s} {impl:15s} out of memory")
                     torch.cuda.empty_cache()
                     continue
                 row = Row(shape.name, mode, impl, tokens, ms, prob.flops() / ms / 1e9,
-                          None if peak is None else peak / 2 ** 20)
+                          _mib(peak), _mib(held), first)
                 by_impl[impl] = row
-                log(f"  {shape.name:14s} {mode:6s} {impl:15s} {ms:9.2f} ms "
+                log(f"  {shape.name:14s} {mode:7s} {impl:15s} {ms:9.2f} ms "
                     f"{row.tflops:7.1f} TFLOP/s  peak extra "
-                    f"{'-' if peak is None else f'{row.peak_extra_mib:.0f} MiB'}")
+                    f"{'-' if peak is None else f'{row.peak_extra_mib:.0f} MiB'}  held "
+                    f"{'-' if held is None else f'{row.held_mib:.0f} MiB'}  first step "
+                    f"{first:.2f} s")
             for row in by_impl.values():
                 if "dense" in by_impl:
                     row.x_dense = row.ms / by_impl["dense"].ms
@@ -163,16 +209,23 @@ def bench_layer(shapes, tokens: int, modes=MODES, impls=DEFAULT_IMPLS, device=No
     return rows
 
 
+def _mib(n: int | None) -> float | None:
+    return None if n is None else n / 2 ** 20
+
+
 def format_table(rows: list[Row]) -> str:
-    head = ("| shape | mode | impl | ms | TFLOP/s | peak extra MiB | time / dense | "
-            "speed-up vs naive |\n|---|---|---|---|---|---|---|---|")
+    head = ("| shape | mode | impl | ms | TFLOP/s | peak extra MiB | held after forward MiB | "
+            "first step s | time / dense | speed-up vs naive |\n"
+            "|---|---|---|---|---|---|---|---|---|---|")
     lines = [head]
     for r in rows:
         peak = "-" if r.peak_extra_mib is None else f"{r.peak_extra_mib:.0f}"
+        held = "-" if r.held_mib is None else f"{r.held_mib:.0f}"
+        first = "-" if r.first_step_s is None else f"{r.first_step_s:.2f}"
         xd = "-" if r.x_dense is None else f"{r.x_dense:.2f}"
         xn = "-" if r.x_naive is None else f"{r.x_naive:.2f}x"
         lines.append(f"| {r.shape} | {r.mode} | {r.impl} | {r.ms:.2f} | {r.tflops:.1f} | "
-                     f"{peak} | {xd} | {xn} |")
+                     f"{peak} | {held} | {first} | {xd} | {xn} |")
     return "\n".join(lines)
 
 
@@ -207,7 +260,7 @@ def main(args) -> None:
 def add_arguments(p) -> None:
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), help="DESIGN.md shape names")
     p.add_argument("--tokens", type=int, default=None, help="tokens per step (default 8192)")
-    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--modes", nargs="+", default=list(DEFAULT_MODES), choices=MODES)
     p.add_argument("--impls", nargs="+", default=list(DEFAULT_IMPLS), choices=IMPLS)
     p.add_argument("--repeat", type=int, default=20, help="timed runs per cell (median)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

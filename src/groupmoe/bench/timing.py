@@ -58,3 +58,26 @@ def peak_extra_bytes(step: Callable[[], None], device: torch.device) -> int | No
     step()
     sync(device)
     return torch.cuda.max_memory_allocated(device) - base
+
+
+def first_call_s(step: Callable[[int], None], device: torch.device) -> float:
+    """Seconds of the first ``step(0)``: compilation, autotuning and allocator warm-up in."""
+    sync(device)
+    t0 = time.perf_counter()
+    step(0)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def held_bytes(forward: Callable[[], object], device: torch.device) -> int | None:
+    """Memory a forward leaves allocated while its result lives: what its backward will need,
+    the output included (CUDA only)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    base = torch.cuda.memory_allocated(device)
+    result = forward()
+    sync(device)
+    held = torch.cuda.memory_allocated(device) - base
+    del result
+    return held
