@@ -115,3 +115,18 @@ def test_fsdp_bench_smoke(tmp_path):
                     "2", "--out", str(out)], check=True, capture_output=True)
     rows = json.loads(out.read_text())["rows"]
     assert [r["gpus"] for r in rows] == [1, 2] and all(r["tokens_per_s"] > 0 for r in rows)
+
+
+def test_ep_cost_model_calibrates_on_ep2_and_finds_the_link_bound():
+    from groupmoe.bench.ep_cost import MEASURED, Layer, comm_ms, step_ms, table
+
+    layer = Layer(hidden=2048, top_k=8, tokens=8192)
+    assert layer.rows_bytes() == 8192 * 8 * 2048 * 2
+    # EP=2 inside a node: half the rows leave, four all-to-alls at the NVLink bandwidth
+    assert comm_ms(layer, 2, 100.0, 10.0) == 4 * layer.rows_bytes() / 2 / 100e6
+    rows = {r["ep"]: r for r in table(layer, (1, 2, 8, 16), chunks=4)}
+    assert rows[1]["efficiency"] == 1.0
+    assert abs(rows[2]["step_ms"] - MEASURED["ep2_ms"]) < 1e-9  # the calibration point
+    assert rows[8]["bound"] == "compute" and rows[16]["bound"] == "link"
+    assert rows[8]["overlap_ms"] < rows[8]["step_ms"]
+    assert step_ms(4.0, 1.0, 0.5, chunks=1) == 5.5 and step_ms(4.0, 1.0, 0.5, chunks=4) == 4.75
