@@ -110,6 +110,62 @@ def _check_parity(rank, world, seed, tokens, h, i, e, k, load, activation, bias,
             assert rel_err(p.grad, want) < TOL, (what, name)
 
 
+def _kept_slots(ids, num_experts, factor):
+    """``[T, k]`` mask of the (token, slot) pairs a rank sends under ``capacity_factor``: per
+    expert the first ``ceil(factor * T * k / E)`` in expert-sorted (token, slot) order."""
+    import math
+
+    cap = math.ceil(factor * ids.numel() / num_experts)
+    seen = [0] * num_experts
+    keep = torch.zeros(ids.shape, dtype=torch.bool)
+    for t in range(ids.shape[0]):
+        for s in range(ids.shape[1]):
+            e = int(ids[t, s])
+            keep[t, s] = seen[e] < cap
+            seen[e] += 1
+    return keep
+
+
+def _check_capacity(rank, world):
+    """A hot expert under a capacity factor: the rows past capacity are dropped (their slot adds
+    nothing, gets no gradient), which equals the oracle with those router weights zeroed;
+    a factor large enough to drop nothing changes nothing."""
+    from groupmoe.ops import expert_mlp_reference
+
+    tokens, e, k = [11, 7], 4, 2
+    torch.manual_seed(11)
+    case = make_case(sum(tokens), 8, 6, e, k, torch.float64, True, "swiglu", "skewed")
+    up = torch.randn(sum(tokens), 8, dtype=torch.float64)
+    full = _full_experts(case, "swiglu", True)
+    lo, hi = sum(tokens[:rank]), sum(tokens[:rank + 1])
+    bounds = [(sum(tokens[:r]), sum(tokens[:r + 1])) for r in range(world)]
+    outs = {}
+    for factor in (None, 100.0, 0.75):
+        ep = ExpertParallel.from_experts(full, capacity_factor=factor)
+        x = case.x.detach()[lo:hi].clone().requires_grad_(True)
+        gates = case.gates.detach()[lo:hi].clone().requires_grad_(True)
+        out = ep(x, case.ids[lo:hi], gates)
+        out.backward(up[lo:hi])
+        outs[factor] = (out.detach(), x.grad, gates.grad, ep)
+    assert torch.equal(outs[None][0], outs[100.0][0])
+    assert outs[100.0][3].drop_stats["dropped"] == 0
+    out, dx, dgates, ep = outs[0.75]
+    keep = torch.cat([_kept_slots(case.ids[a:b], e, 0.75) for a, b in bounds])
+    assert ep.drop_stats["dropped"] == int((~keep[lo:hi]).sum())
+    assert int((~keep).sum()) > 0  # the skewed load overflows somewhere
+    x = case.x.detach().clone().requires_grad_(True)
+    gates = case.gates.detach().clone().requires_grad_(True)
+    w = [t.detach().clone().requires_grad_(True) if t is not None else None
+         for t in (case.w1, case.w2, case.b1, case.b2)]
+    ref = expert_mlp_reference(x, case.ids, gates * keep, *w, "swiglu")
+    ref.backward(up)
+    assert rel_err(out, ref.detach()[lo:hi]) < 1e-12
+    assert rel_err(dx, x.grad[lo:hi]) < TOL and rel_err(dgates, gates.grad[lo:hi]) < TOL
+    shard = local_expert_range(e, rank, world)
+    for p, want in zip((ep.gate_up, ep.down, ep.gate_up_bias, ep.down_bias), w):
+        assert rel_err(p.grad, want.grad[shard.start:shard.stop]) < TOL
+
+
 def _check_mesh_2d(rank, world):
     """dp=2 x ep=2: MoEBlock with EP on "ep"; reducing the router grads over all ranks and the
     expert grads over "dp" gives the single-process grads of the whole batch (sum loss)."""
@@ -190,6 +246,7 @@ def _worker(rank, world):
         _check_mesh_2d(rank, world)
     else:
         _check_compiled(rank, world)
+        _check_capacity(rank, world)
     _check_errors(rank, world)
 
 

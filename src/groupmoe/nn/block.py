@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops.activations import Activation
 from ..ops.checks import check
 from ..ops.experts import SaveMode
 from ..ops.router import RouterKind
@@ -42,7 +43,8 @@ class MoEBlock(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
                  router: RouterKind = "softmax_topk", normalize: bool = True,
-                 router_bias: bool = False, jitter: float = 0.0, activation: str = "swiglu",
+                 router_bias: bool = False, jitter: float = 0.0,
+                 activation: str | Activation = "swiglu",
                  expert_bias: bool = False, shared_intermediate_size: int | None = None,
                  impl: Impl = "groupmoe", save: SaveMode | None = None,
                  input_grad: bool | None = None, weight_grad: bool | None = None,

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..ops.activations import get_activation
+from ..ops.activations import Activation, get_activation
 from ..ops.checks import check, check_expert_ids
 from ..ops.experts import SaveMode, expert_mlp, expert_mlp_naive
 from ..ops.reference import expert_mlp_reference
@@ -19,11 +19,13 @@ IMPLS = ("groupmoe", "naive", "loop")
 
 
 class GroupedExperts(nn.Module):
-    """``E`` gated MLP experts held as stacks ``gate_up [E, H, 2I]`` and ``down [E, I, H]``.
+    """``E`` MLP experts held as stacks ``gate_up [E, H, 2I]`` (``[E, H, I]``: the up projection
+    of an activation without a gate) and ``down [E, I, H]``.
 
     Args:
         hidden_size, intermediate_size, num_experts: the expert shapes.
-        activation: ``"swiglu"`` or ``"gptoss"``.
+        activation: a preset name (``"swiglu"``, ``"gptoss"``, ``"geglu"``, ``"relu2"``) or an
+            :class:`~groupmoe.ops.Activation`.
         bias: per-expert biases on both projections (gpt-oss).
         impl: ``"groupmoe"`` (fused, memory-lean), ``"naive"`` (grouped GEMMs under plain
             autograd) or ``"loop"`` (the per-expert reference).
@@ -35,7 +37,8 @@ class GroupedExperts(nn.Module):
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
-                 activation: str = "swiglu", bias: bool = False, impl: Impl = "groupmoe",
+                 activation: str | Activation = "swiglu", bias: bool = False,
+                 impl: Impl = "groupmoe",
                  save: SaveMode | None = None, input_grad: bool | None = None,
                  weight_grad: bool | None = None, device=None, dtype=None):
         super().__init__()
@@ -45,12 +48,12 @@ class GroupedExperts(nn.Module):
         self.activation = get_activation(activation)
         self.impl, self.save = impl, save
         self.input_grad, self.weight_grad = input_grad, weight_grad
-        self.gate_up = nn.Parameter(torch.empty(num_experts, hidden_size, 2 * intermediate_size,
-                                                **factory))
+        width = 2 * intermediate_size if self.activation.gated else intermediate_size
+        self.gate_up = nn.Parameter(torch.empty(num_experts, hidden_size, width, **factory))
         self.down = nn.Parameter(torch.empty(num_experts, intermediate_size, hidden_size,
                                              **factory))
-        self.gate_up_bias = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size,
-                                                     **factory)) if bias else None
+        self.gate_up_bias = nn.Parameter(torch.empty(num_experts, width, **factory)) \
+            if bias else None
         self.down_bias = nn.Parameter(torch.empty(num_experts, hidden_size, **factory)) \
             if bias else None
         self.reset_parameters()

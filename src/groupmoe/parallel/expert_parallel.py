@@ -37,15 +37,20 @@ even with no tokens; the output must take part in the loss on every rank.
 
 from __future__ import annotations
 
+import logging
+import math
+
 import torch
 import torch.distributed as dist
 
 from ..nn.experts import GroupedExperts, Impl
+from ..ops.activations import Activation
 from ..ops.checks import check
 from ..ops.experts import SaveMode, gather_sum
 from ..ops.routing import Routing, build_routing
 
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+log = logging.getLogger("groupmoe")
 
 
 def resolve_group(group=None, mesh_dim: str | int | None = None) -> dist.ProcessGroup:
@@ -160,21 +165,32 @@ class ExpertParallel(GroupedExperts):
         hidden_size, intermediate_size, num_experts: global expert shapes (``E`` in total).
         activation, bias, impl, save: as in :class:`GroupedExperts` (the local compute).
         group: a ``ProcessGroup``, a ``DeviceMesh`` (with ``mesh_dim``), or ``None`` (world).
+        capacity_factor: ``None`` (default) sends every routed row. A number ``c`` bounds what
+            one rank sends to one expert per call to ``ceil(c * T * k / E)`` rows (``T`` its
+            tokens), so a hot expert cannot flood its rank's memory; the rows past it (later
+            tokens first, in expert-sorted order) are dropped: their slot adds nothing to the
+            output and gets no gradient. :attr:`drop_stats` counts them; the first drop is
+            logged.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
-                 activation: str = "swiglu", bias: bool = False, impl: Impl = "groupmoe",
+                 activation: str | Activation = "swiglu", bias: bool = False,
+                 impl: Impl = "groupmoe",
                  save: SaveMode | None = None, group=None, mesh_dim: str | int | None = None,
-                 weight_grad: bool | None = None, device=None, dtype=None):
+                 weight_grad: bool | None = None, capacity_factor: float | None = None,
+                 device=None, dtype=None):
+        check(capacity_factor is None or capacity_factor > 0,
+              f"ExpertParallel: capacity_factor must be > 0 or None, got {capacity_factor}")
         pg = resolve_group(group, mesh_dim)
         world, rank = dist.get_world_size(pg), dist.get_rank(pg)
         config = (num_experts, hidden_size, intermediate_size, str(activation), bool(bias),
-                  str(dtype or torch.get_default_dtype()))
+                  str(dtype or torch.get_default_dtype()), capacity_factor)
         configs: list = [None] * world
         dist.all_gather_object(configs, config, group=pg)
         for r, c in enumerate(configs):
             check(c == config,
-                  f"ExpertParallel: rank {rank} has config (E, H, I, activation, bias, dtype) = "
+                  f"ExpertParallel: rank {rank} has config (E, H, I, activation, bias, dtype, "
+                  f"capacity_factor) = "
                   f"{config} but rank {r} has {c}; all ranks of the group must agree")
         local = local_expert_range(num_experts, rank, world)
         # input_grad stays None: skipping dx on one rank would leave the backward
@@ -184,17 +200,20 @@ class ExpertParallel(GroupedExperts):
         self.group, self.world_size, self.rank = pg, world, rank
         self.global_num_experts = num_experts
         self.expert_offset = local.start
+        self.capacity_factor = capacity_factor
+        self.drop_stats = {"calls": 0, "rows": 0, "dropped": 0}
 
     @classmethod
     def from_experts(cls, experts: GroupedExperts, group=None,
-                     mesh_dim: str | int | None = None) -> ExpertParallel:
+                     mesh_dim: str | int | None = None,
+                     capacity_factor: float | None = None) -> ExpertParallel:
         """Shard a full :class:`GroupedExperts` (same weights on every rank): keep this rank's
         slice of every stack. Call it on every rank of the group."""
         gate_up = experts.gate_up
-        ep = cls(gate_up.shape[1], gate_up.shape[2] // 2, experts.num_experts,
-                 experts.activation.name, experts.gate_up_bias is not None, experts.impl,
+        ep = cls(gate_up.shape[1], experts.down.shape[1], experts.num_experts,
+                 experts.activation, experts.gate_up_bias is not None, experts.impl,
                  experts.save, group, mesh_dim, weight_grad=experts.weight_grad,
-                 device=gate_up.device, dtype=gate_up.dtype)
+                 capacity_factor=capacity_factor, device=gate_up.device, dtype=gate_up.dtype)
         with torch.no_grad():
             for name in ("gate_up", "down", "gate_up_bias", "down_bias"):
                 full = getattr(experts, name)
@@ -249,6 +268,9 @@ class ExpertParallel(GroupedExperts):
         routing, error = self._route(x, expert_ids, gate_weights, check_ids)
         counts = routing.counts if routing is not None else \
             torch.zeros(self.global_num_experts, dtype=torch.long, device=x.device)
+        keep = None
+        if self.capacity_factor is not None and routing is not None:
+            counts, keep = self._capacity(routing)
         mine = self._call_config(x, expert_ids, gate_weights, bool(error))
         config = torch.tensor(mine, dtype=torch.long, device=x.device)
         # Row r goes to rank r: the counts of its experts, then this rank's call config.
@@ -264,16 +286,46 @@ class ExpertParallel(GroupedExperts):
         recv_counts = [row[:per] for row in rows]  # [src][local expert]
         in_splits = [sum(sent_host[r * per:(r + 1) * per]) for r in range(world)]
         out_splits = [sum(c) for c in recv_counts]
+        rows_sorted = _Dispatch.apply(x, routing)
         gates_sorted = gate_weights.reshape(-1).index_select(0, routing.order)
-        x_recv, g_recv = _AllToAll.apply(self.group, out_splits, in_splits,
-                                         _Dispatch.apply(x, routing), gates_sorted)
+        kept = None
+        if keep is not None:
+            kept = self._kept_rows(keep, sum(in_splits))
+            rows_sorted, gates_sorted = rows_sorted[kept], gates_sorted[kept]
+        x_recv, g_recv = _AllToAll.apply(self.group, out_splits, in_splits, rows_sorted,
+                                         gates_sorted)
         # Received rows come grouped by source rank, then by local expert.
         local_ids = torch.repeat_interleave(
             torch.arange(per, device=x.device).repeat(world),
             recv.view(world, width)[:, :per].reshape(-1), output_size=sum(out_splits))
         y_recv = super().forward(x_recv, local_ids.unsqueeze(1), g_recv.unsqueeze(1))
         (y,) = _AllToAll.apply(self.group, in_splits, out_splits, y_recv)
+        if kept is not None:  # dropped rows add nothing
+            y = y.new_zeros(routing.num_rows, y.shape[1]).index_copy(0, kept, y)
         return _Combine.apply(y, routing)
+
+    def _capacity(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-expert counts clipped to the capacity, and which expert-sorted rows stay."""
+        cap = math.ceil(self.capacity_factor * routing.num_rows / self.global_num_experts)
+        starts = routing.offsets.long() - routing.counts
+        position = torch.arange(routing.num_rows, device=starts.device) - \
+            starts.index_select(0, routing.expert_index.long())
+        return routing.counts.clamp(max=cap), position < cap
+
+    def _kept_rows(self, keep: torch.Tensor, n_kept: int) -> torch.Tensor:
+        """Indices of the kept rows in order (a stable sort puts them first: no host sync)."""
+        n = keep.numel()
+        dropped = n - n_kept
+        self.drop_stats["calls"] += 1
+        self.drop_stats["rows"] += n
+        self.drop_stats["dropped"] += dropped
+        if dropped and not getattr(self, "_drop_logged", False):
+            self._drop_logged = True
+            log.warning("ExpertParallel (rank %d): capacity factor %s dropped %d of %d routed "
+                        "rows in this call (drop_stats keeps the count)", self.rank,
+                        self.capacity_factor, dropped, n)
+        order = torch.argsort((~keep).to(torch.int8), stable=True)
+        return order[:n_kept]
 
     def _raise_on_mismatch(self, error: str, mine: list[int], theirs: list[list[int]]) -> None:
         if error:
