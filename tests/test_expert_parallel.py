@@ -166,6 +166,45 @@ def _check_capacity(rank, world):
         assert rel_err(p.grad, want.grad[shard.start:shard.stop]) < TOL
 
 
+def _check_transformers(rank, world, name):
+    """shard_experts over a tiny transformers 5 model (Qwen3-MoE; gpt-oss: biases, interleaved
+    clamped activation): each rank runs its own tokens; the sum of the ranks' losses and every
+    gradient equal one process running all of them (replicated grads summed over ranks, each
+    rank's expert slices as they are)."""
+    import copy
+
+    from groupmoe.parallel import shard_experts
+    from test_transformers import build, tokens
+
+    ref = build(name, dtype=torch.float64)
+    batches = [tokens(batch=1, seq=7 + 3 * r, seed=r + 1) for r in range(world)]
+    total = sum(ref(b, labels=b, use_cache=False).loss for b in batches)
+    total.backward()
+    want = {n: p.grad for n, p in ref.named_parameters()}
+    model = copy.deepcopy(ref)
+    model.zero_grad(set_to_none=True)
+    sharded = shard_experts(model)
+    assert len(sharded) == model.config.num_hidden_layers
+    loss = model(batches[rank], labels=batches[rank], use_cache=False).loss
+    loss.backward()
+    got = {n: p.grad if p.grad is not None else torch.zeros_like(p)
+           for n, p in model.named_parameters()}
+    for n, g in got.items():
+        if ".groupmoe_ep." not in n:
+            dist.all_reduce(g)
+            assert rel_err(g, want[n]) < TOL, (rank, name, n)
+            continue
+        experts = n.split(".groupmoe_ep.")[0]
+        module = model.get_submodule(experts)
+        stack = {"gate_up": "gate_up_proj", "down": "down_proj", "gate_up_bias":
+                 "gate_up_proj_bias", "down_bias": "down_proj_bias"}[n.rsplit(".", 1)[1]]
+        full = want[f"{experts}.{stack}"]
+        if full.dim() == 3 and not module.is_transposed:
+            full = full.transpose(-1, -2)
+        mine = shard_expert_tensor(full, rank, world)
+        assert rel_err(g, mine) < TOL, (rank, name, n)
+
+
 def _check_mesh_2d(rank, world):
     """dp=2 x ep=2: MoEBlock with EP on "ep"; reducing the router grads over all ranks and the
     expert grads over "dp" gives the single-process grads of the whole batch (sum loss)."""
@@ -247,6 +286,8 @@ def _worker(rank, world):
     else:
         _check_compiled(rank, world)
         _check_capacity(rank, world)
+        for name in ("qwen3_moe", "gpt_oss"):
+            _check_transformers(rank, world, name)
     _check_errors(rank, world)
 
 

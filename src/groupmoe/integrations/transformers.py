@@ -181,6 +181,9 @@ def _weights(module: nn.Module, name: str) -> torch.Tensor:
 def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     top_k_weights: torch.Tensor) -> torch.Tensor:
     """``ALL_EXPERTS_FUNCTIONS["groupmoe"]``: the model's experts computation, grouped."""
+    ep = getattr(module, "groupmoe_ep", None)
+    if ep is not None:  # stacks sharded across ranks (groupmoe.parallel.shard_experts)
+        return ep(hidden_states, top_k_index, top_k_weights, check_ids=False)
     act = getattr(module, "_groupmoe_act", None)
     reason = None
     if act is None:  # selected through the config without groupmoe.patch
