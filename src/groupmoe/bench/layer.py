@@ -189,6 +189,9 @@ def bench_layer(shapes, tokens: int, modes=DEFAULT_MODES, impls=DEFAULT_IMPLS, d
                     log(f"  {shape.name:14s} {mode:6s} {impl:15s} out of memory")
                     torch.cuda.empty_cache()
                     continue
+                except ValueError as e:  # e.g. backend="triton" on an activation it lacks
+                    log(f"  {shape.name:14s} {mode:6s} {impl:15s} cannot run: {e}")
+                    continue
                 row = Row(shape.name, mode, impl, tokens, ms, prob.flops() / ms / 1e9,
                           _mib(peak), _mib(held), first)
                 by_impl[impl] = row
