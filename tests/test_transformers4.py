@@ -10,6 +10,7 @@ import torch
 
 import groupmoe
 from moe_cases import count_calls, rel_err
+from test_modulelist import Model  # a model around one block
 
 
 def _major():
@@ -345,15 +346,6 @@ def test_every_modulelist_block_is_patched_or_says_why():
     assert not unknown, f"4.x MoE blocks groupmoe does not know: {sorted(unknown)}"
 
 
-class _Wrap(torch.nn.Module):
-    def __init__(self, block):
-        super().__init__()
-        self.block = block
-
-    def forward(self, x):
-        return self.block(x)
-
-
 def _block_step(model, x, seed=3):
     model.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
@@ -382,7 +374,7 @@ def test_modulelist_block_matches_its_own_forward(ec, monkeypatch):
         pytest.skip(NOT_MOE[ec.name])
     if ec.name in UNBUILDABLE:
         pytest.skip(UNBUILDABLE[ec.name])
-    ref = _Wrap(build_block(ec)).train()
+    ref = Model(build_block(ec)).train()
     model = copy.deepcopy(ref)
     report = groupmoe.patch(model)
     assert report.patched == ["block"] and "fused expert op (swiglu)" in report.paths["block"]
@@ -411,7 +403,7 @@ def test_longcat_identity_experts_with_lora(monkeypatch):
         pytest.skip("LongCat-Flash is not in this transformers release")
     cfg = peft.LoraConfig(r=2, target_modules=["gate_proj", "up_proj", "down_proj"],
                           init_lora_weights=False)
-    ref = peft.inject_adapter_in_model(cfg, _Wrap(build_block(ec))).train()
+    ref = peft.inject_adapter_in_model(cfg, Model(build_block(ec))).train()
     model = copy.deepcopy(ref)
     assert groupmoe.patch(model).patched
     from groupmoe.integrations import modulelist

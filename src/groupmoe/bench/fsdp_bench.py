@@ -23,7 +23,7 @@ import torch.multiprocessing as mp
 from ..integrations.transformers import use_experts_implementation
 from .hf_e2e import REAL, build, set_compiled
 from .layer import environment
-from .timing import median_ms
+from .timing import median_ms, sync
 
 
 def _free_port() -> int:
@@ -92,11 +92,12 @@ def _profile(step, device, report: bool) -> None:
     compute kernel time."""
     from torch.profiler import ProfilerActivity, profile
 
+    from .profile import kernel_ms
+
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=acts) as prof:
         step(0)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
     if not report:
         return
     events = prof.key_averages()
@@ -104,9 +105,8 @@ def _profile(step, device, report: bool) -> None:
                                                            "_local_scalar_dense"))]
     for e in waits:
         print(f"profile: {e.key}: {e.count} calls, {e.cpu_time_total / 1e3:.2f} ms CPU")
-    gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    nccl = sum(e.self_device_time_total for e in gpu if "nccl" in e.key.lower()) / 1e3
-    busy = sum(e.self_device_time_total for e in gpu) / 1e3
+    nccl = kernel_ms([e for e in events if "nccl" in e.key.lower()])
+    busy = kernel_ms(events)
     print(f"profile: kernels {busy:.1f} ms, of which NCCL {nccl:.1f} ms", flush=True)
 
 

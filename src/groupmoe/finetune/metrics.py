@@ -12,6 +12,8 @@ import time
 import torch
 from torch import nn
 
+from ..bench.timing import sync
+
 
 def write_json(path: str, data: dict) -> None:
     """Atomically: a reader never sees a half-written file."""
@@ -95,18 +97,15 @@ class StepClock:
         self.device, self.last = device, None
 
     def start(self) -> None:
-        self._sync()
+        sync(self.device)
         self.last = time.perf_counter()
 
     def lap(self) -> float:
-        self._sync()
+        sync(self.device)
         now = time.perf_counter()
         dt, self.last = now - self.last, now
         return dt
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
 
 def plot_losses(curves: dict[str, list[tuple[int, float]]], path: str, title: str) -> str | None:

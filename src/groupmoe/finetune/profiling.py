@@ -12,6 +12,9 @@ import time
 
 import torch
 
+from ..bench.profile import kernel_ms
+from ..bench.timing import sync
+
 # host-side events that wait for the GPU or read a value back from it
 SYNC_KEYS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
              "aten::_local_scalar_dense", "Memcpy DtoH")
@@ -20,7 +23,7 @@ SYNC_KEYS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchro
 def summarize(events, wall_s: float, steps: int, rows: int = 15) -> str:
     """A short report of a profiler's ``key_averages()`` over ``steps`` steps of ``wall_s``."""
     gpu = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy_ms = sum(e.self_device_time_total for e in gpu) / 1e3 / steps
+    busy_ms = kernel_ms(events) / steps
     wall_ms = wall_s * 1e3 / steps
     lines = [f"per step: {wall_ms:.1f} ms wall, GPU kernels {busy_ms:.1f} ms "
              f"({100 * busy_ms / wall_ms if wall_ms else 0:.0f}% busy)"]
@@ -54,10 +57,6 @@ class StepProfiler:
         """Whether ``step`` runs under the profiler (its time is not representative)."""
         return self.first <= step < self.first + self.steps
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def step_begin(self, step: int) -> None:
         if step != self.first:
             return
@@ -66,7 +65,7 @@ class StepProfiler:
         acts = [ProfilerActivity.CPU]
         if self.device.type == "cuda":
             acts.append(ProfilerActivity.CUDA)
-        self._sync()
+        sync(self.device)
         self._prof = profile(activities=acts)
         self._prof.__enter__()
         self._t0 = time.perf_counter()
@@ -74,7 +73,7 @@ class StepProfiler:
     def step_end(self, step: int) -> None:
         if self._prof is None or step != self.first + self.steps - 1:
             return
-        self._sync()
+        sync(self.device)
         wall = time.perf_counter() - self._t0
         self._prof.__exit__(None, None, None)
         self.report = summarize(self._prof.key_averages(), wall, self.steps)

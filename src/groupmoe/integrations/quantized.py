@@ -89,14 +89,6 @@ def share_parametrized_class(module: nn.Module) -> None:
         module.__class__ = shared
 
 
-def base_class_name(module: nn.Module) -> str:
-    """The model's class name, also under the subclass that ``parametrize`` injects."""
-    cls = type(module)
-    if cls.__name__.startswith("Parametrized") and len(cls.__bases__) == 1:
-        cls = cls.__bases__[0]
-    return cls.__name__
-
-
 def quantized_stack(module: nn.Module, name: str) -> NF4Tensor | str | None:
     """A 4-bit stack of ``module`` as an :class:`NF4Tensor`; ``None`` when it is not quantized;
     a reason (str) when it is quantized in a form groupmoe does not run."""

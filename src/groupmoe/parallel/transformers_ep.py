@@ -14,16 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..integrations.transformers import (
-    Generic,
-    _first_stack,
-    _is_v5_experts,
-    _prepare,
-    _raw,
-    _static_reason,
-    _weights,
-    patch,
-)
+from ..integrations.transformers import Generic, _first_stack, _is_v5_experts, _raw, _weights, patch
 from ..ops.checks import check
 from .expert_parallel import ExpertParallel, resolve_group, shard_expert_tensor
 
@@ -40,15 +31,14 @@ def shard_experts(model: nn.Module, group=None, mesh_dim: str | int | None = Non
     refused.
     """
     pg = resolve_group(group, mesh_dim)
-    patch(model)
+    report = patch(model)  # checks each module and prepares its activation
     sharded = []
     for name, module in model.named_modules():
         if not _is_v5_experts(module) or hasattr(module, "groupmoe_ep"):
             continue
-        why = _static_reason(module)
-        act = _prepare(module) if why is None else None
-        if isinstance(act, Generic):
-            why = f"the generic grouped path ({act.why})"
+        act = getattr(module, "_groupmoe_act", None)
+        why = report.skipped.get(name) if act is None else (
+            f"the generic grouped path ({act.why})" if isinstance(act, Generic) else None)
         check(why is None, f"shard_experts: {name} cannot run expert parallel: {why}")
         check(not nn.utils.parametrize.is_parametrized(module),
               f"shard_experts: {name} has parametrized (4-bit or peft) stacks")
