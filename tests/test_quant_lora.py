@@ -1,8 +1,6 @@
 """NF4 layout/dequant parity (with bitsandbytes where installed), frozen quantized experts,
 grouped LoRA on experts against the merged-weight oracle, peft interop."""
 
-import os
-
 import pytest
 import torch
 
@@ -25,7 +23,9 @@ from groupmoe.quant import (
     stack_nf4,
 )
 from groupmoe.quant.nf4 import NF4_CODE
+from interp_runner import assert_case, run_interpreted
 from moe_cases import make_ids, rel_err
+from nf4_interp_cases import CASES as NF4_INTERP_CASES
 
 SHAPES = [(4, 64, 130), (3, 7, 5), (2, 128, 64), (1, 1, 33)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -91,26 +91,17 @@ def test_bitsandbytes_parity(shape, nested):
     assert torch.equal(bnbf.dequantize_4bit(packed, st), dequantize_nf4(ours))
 
 
-@pytest.mark.parametrize("nested", [False, True])
-def test_triton_kernel_interpreter(nested, monkeypatch):
-    """The Triton kernel under TRITON_INTERPRET=1 (CPU). fp32/fp16 are exact; the interpreter
-    truncates to bf16 (CUDA rounds to nearest), so bf16 is checked to one ulp here and
-    exactly in the GPU test."""
+@pytest.fixture(scope="module")
+def nf4_interp_results():
     pytest.importorskip("triton")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("set TRITON_INTERPRET=1 to run Triton on CPU")
-    from groupmoe.quant.nf4_triton import dequantize_nf4_triton
+    return run_interpreted("nf4_interp_cases.py")
 
-    t = quantize_nf4(_weights((3, 64, 70)), nested=nested)
-    for dtype in DTYPES:
-        got = dequantize_nf4_triton(t.packed, absmax_fp32(t), t.shape, t.blocksize, dtype)
-        ref = dequantize_nf4(t, dtype, backend="torch")
-        if dtype == torch.bfloat16:
-            assert ((got.float() - ref.float()).abs() <= ref.float().abs() * 2 ** -7).all()
-        else:
-            assert torch.equal(got, ref)
-            part = dequantize_nf4_experts(t, 1, 3, dtype, backend="triton")
-            assert torch.equal(part, ref[1:3])
+
+@pytest.mark.parametrize("name", list(NF4_INTERP_CASES))
+def test_triton_kernel_interpreter(name, nf4_interp_results):
+    """The Triton dequantize kernel (plain and nested scales, whole stacks and expert ranges)
+    under Triton's CPU interpreter against the torch backend."""
+    assert_case(nf4_interp_results, NF4_INTERP_CASES, name)
 
 
 @pytest.mark.gpu

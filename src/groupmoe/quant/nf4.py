@@ -74,20 +74,20 @@ class NF4Tensor:
     def __post_init__(self):
         n = self.numel
         check(self.blocksize in BLOCKSIZES,
-              f"NF4Tensor: blocksize must be one of {BLOCKSIZES}, got {self.blocksize}")
+              lambda: f"NF4Tensor: blocksize must be one of {BLOCKSIZES}, got {self.blocksize}")
         check(self.packed.dtype == torch.uint8 and self.packed.numel() == (n + 1) // 2,
-              f"NF4Tensor: packed must be uint8 with {(n + 1) // 2} bytes for shape "
+              lambda: f"NF4Tensor: packed must be uint8 with {(n + 1) // 2} bytes for shape "
               f"{tuple(self.shape)}, got {self.packed.dtype} with {self.packed.numel()}")
         blocks = -(-n // self.blocksize)
         check(self.absmax.numel() == blocks,
-              f"NF4Tensor: absmax must hold {blocks} blocks, got {self.absmax.numel()}")
+              lambda: f"NF4Tensor: absmax must hold {blocks} blocks, got {self.absmax.numel()}")
         if self.nested:
             check(self.absmax.dtype == torch.uint8 and self.code2 is not None
                   and self.offset is not None,
                   "NF4Tensor: nested absmax needs uint8 absmax, absmax2, code2 and offset")
         else:
             check(self.absmax.dtype == torch.float32,
-                  f"NF4Tensor: absmax must be float32, got {self.absmax.dtype}")
+                  lambda: f"NF4Tensor: absmax must be float32, got {self.absmax.dtype}")
 
     @property
     def nested(self) -> bool:
@@ -230,36 +230,46 @@ def _bnb_available() -> bool:
     return True
 
 
+def _resolve_backend(device: torch.device, backend: Backend) -> str:
+    check(backend in ("auto", "torch", "triton", "bnb"),
+          lambda: f"dequantize_nf4: unknown backend {backend!r}")
+    if backend != "auto":
+        return backend
+    if device.type == "cuda":
+        from . import nf4_triton
+        return "triton" if nf4_triton.available() else ("bnb" if _bnb_available() else "torch")
+    return "torch"
+
+
+def _nested(t: NF4Tensor):
+    """The nested scales as the Triton kernel takes them, or ``None``."""
+    return (t.absmax2, t.code2, t.offset, t.blocksize2) if t.nested else None
+
+
 def dequantize_nf4(t: NF4Tensor, dtype: torch.dtype | None = None,
                    backend: Backend = "auto") -> torch.Tensor:
     """Dequantize a whole NF4 tensor (e.g. all experts of a stack) in one call.
 
     Args:
         dtype: output dtype (default: the dtype recorded at quantization).
-        backend: ``"torch"`` (any device), ``"triton"`` (groupmoe's kernel; CUDA, or CPU under
-            ``TRITON_INTERPRET=1``), ``"bnb"`` (bitsandbytes' ``dequantize_4bit``) or
-            ``"auto"``: Triton on CUDA when installed, else bitsandbytes on CUDA, else torch.
+        backend: ``"torch"`` (any device), ``"triton"`` (groupmoe's kernel, nested scales
+            included, one launch; CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"bnb"``
+            (bitsandbytes' ``dequantize_4bit``) or ``"auto"``: Triton on CUDA when installed,
+            else bitsandbytes on CUDA, else torch.
     Bit-exact with bitsandbytes' ``dequantize_4bit`` on every backend.
     """
     dtype = dtype or t.dtype
     check(dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64),
-          f"dequantize_nf4: dtype must be a float type, got {dtype}")
-    check(backend in ("auto", "torch", "triton", "bnb"),
-          f"dequantize_nf4: unknown backend {backend!r}")
-    if backend == "auto":
-        backend = "torch"
-        if t.device.type == "cuda":
-            from . import nf4_triton
-            backend = "triton" if nf4_triton.available() else (
-                "bnb" if _bnb_available() else "torch")
+          lambda: f"dequantize_nf4: dtype must be a float type, got {dtype}")
+    backend = _resolve_backend(t.device, backend)
     if backend == "bnb":
         check(dtype != torch.float64, "dequantize_nf4: bitsandbytes has no float64 output")
         return _dequant_bnb(t, dtype)
-    absmax = absmax_fp32(t)
     if backend == "triton":
         from .nf4_triton import dequantize_nf4_triton
-        return dequantize_nf4_triton(t.packed, absmax, t.shape, t.blocksize, dtype)
-    return _dequant_torch(t, dtype, absmax)
+        return dequantize_nf4_triton(t.packed, t.absmax, t.shape, t.blocksize, dtype,
+                                     nested=_nested(t))
+    return _dequant_torch(t, dtype, absmax_fp32(t))
 
 
 def dequantize_nf4_experts(t: NF4Tensor, start: int, stop: int, dtype: torch.dtype | None = None,
@@ -271,16 +281,23 @@ def dequantize_nf4_experts(t: NF4Tensor, start: int, stop: int, dtype: torch.dty
     range when an expert's size is not a multiple of the blocksize).
     """
     check(len(t.shape) >= 1 and 0 <= start <= stop <= t.shape[0],
-          f"dequantize_nf4_experts: bad range [{start}, {stop}) of {t.shape[0]} experts")
+          lambda: f"dequantize_nf4_experts: bad range [{start}, {stop}) of {t.shape[0]} experts")
+    dtype = dtype or t.dtype
     per = t.numel // t.shape[0] if t.shape[0] else 0
     first, last = start * per, stop * per  # element range
     b0, b1 = first // t.blocksize, -(-last // t.blocksize)
     e0 = b0 * t.blocksize  # first covered element (even: blocksize is even)
     n = min(b1 * t.blocksize, t.numel) - e0
-    part = NF4Tensor(t.packed.reshape(-1)[e0 // 2: e0 // 2 + (n + 1) // 2],
-                     absmax_fp32(t, b0, b1).contiguous(), torch.Size((n,)), t.dtype,
-                     t.blocksize)
-    flat = dequantize_nf4(part, dtype, backend)
+    packed = t.packed.reshape(-1)[e0 // 2: e0 // 2 + (n + 1) // 2]
+    backend = _resolve_backend(t.device, backend)
+    if backend == "triton":  # the kernel indexes the whole stack's scales from block b0
+        from .nf4_triton import dequantize_nf4_triton
+        flat = dequantize_nf4_triton(packed, t.absmax, (n,), t.blocksize, dtype, block0=b0,
+                                     nested=_nested(t))
+    else:
+        part = NF4Tensor(packed, absmax_fp32(t, b0, b1).contiguous(), torch.Size((n,)),
+                         t.dtype, t.blocksize)
+        flat = dequantize_nf4(part, dtype, backend)
     return flat[first - e0: last - e0].view(stop - start, *t.shape[1:])
 
 
