@@ -30,7 +30,7 @@ from ..ops.checks import check
 from ..ops.dtypes import accum_dtype
 from ..ops.experts import SaveMode, _gather_sum, bias_prob_grads_rows
 from ..ops.grouped_gemm import grouped_mm, grouped_mm_wgrad, segment_sum
-from ..ops.library import absent, custom_op
+from ..ops.library import absent, custom_op, differentiable, needs_input_grad
 from ..ops.routing import Routing
 from .factors import ExpertLoRA
 
@@ -70,7 +70,7 @@ class ChunkedWeights:
 
     def experts(self, e0: int, e1: int, dtype: torch.dtype) -> Tensor:
         """The weights of experts ``[e0, e1)``, ``[n, in, out]`` in ``dtype``."""
-        check(self.source in _SOURCES, f"chunked experts: unknown weight source "
+        check(self.source in _SOURCES, lambda: f"chunked experts: unknown weight source "
               f"{self.source!r}; registered: {sorted(_SOURCES)}")
         return _SOURCES[self.source](self.tensors, self.meta, e0, e1, dtype)
 
@@ -316,7 +316,7 @@ def _backward(ctx, dout, *_):
     x, g, b1, b2, a1, lb1, a2, lb2, h, u, v, *rest = ctx.saved_tensors
     routing, w1t, w2t = rest[:6], rest[6:6 + ctx.n1], rest[6 + ctx.n1:]
     w1m, w1s, w1shape, w2m, w2s, w2shape, per, top_k, act, s1, s2 = ctx.consts
-    need = ctx.needs_input_grad
+    need = needs_input_grad(ctx)
     needs = [need[0], need[1], *need[11:17]]
     grads = _chunked_backward_op(dout, x, g, w1t, w1m, w1s, w1shape, w2t, w2m, w2s, w2shape,
                                  per, b1, b2, a1, lb1, a2, lb2, h, u, v, routing, top_k, act,
@@ -328,7 +328,7 @@ def _backward(ctx, dout, *_):
             None)
 
 
-_chunked_forward_op.register_autograd(_backward, setup_context=_setup)
+_chunked_autograd = differentiable(_chunked_forward_op, _backward, _setup)
 
 
 def chunked_expert_mlp(
@@ -353,7 +353,8 @@ def chunked_expert_mlp(
     ``save="h"`` keeps the gate_up output for backward; ``"none"`` recomputes it from the
     chunk's weights (which backward builds anyway for dX).
     """
-    check(save in ("h", "none"), f"chunked_expert_mlp: save must be 'h' or 'none', got {save!r}")
+    check(save in ("h", "none"),
+          lambda: f"chunked_expert_mlp: save must be 'h' or 'none', got {save!r}")
     check(x.dim() == 2,
           lambda: f"chunked_expert_mlp: x must be [tokens, hidden], got {tuple(x.shape)}")
     t = x.shape[0]
@@ -366,7 +367,7 @@ def chunked_expert_mlp(
     gu, dn = lora.gate_up, lora.down
     g = gate_weights.reshape(-1).index_select(0, routing.order)
     w1, w2 = w_gate_up, w_down
-    out, *_ = _chunked_forward_op(
+    out, *_ = _chunked_autograd(
         x, g, list(w1.tensors), list(w1.meta), w1.source, list(w1.shape), list(w2.tensors),
         list(w2.meta), w2.source, list(w2.shape), experts_per_chunk, b_gate_up, b_down,
         gu.a if gu else None, gu.b if gu else None, dn.a if dn else None, dn.b if dn else None,

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from .backend import FUSED_ACTIVATIONS, use_triton
 from .checks import check
 from .dtypes import accum_dtype
-from .library import custom_op
+from .library import custom_op, differentiable
 
 FNS = ("silu", "gelu_tanh", "gelu", "relu", "relu2", "sigmoid_alpha")
 LAYOUTS = ("concat", "interleaved")
@@ -232,12 +232,12 @@ def _gated_act_backward(ctx, da):
     return _gated_act_backward_op(h, da, ctx.act), None
 
 
-_gated_act_op.register_autograd(_gated_act_backward, setup_context=_gated_act_setup)
+_gated_act_autograd = differentiable(_gated_act_op, _gated_act_backward, _gated_act_setup)
 
 
 def gated_act(h: torch.Tensor, act: str | Activation) -> torch.Tensor:
     """``act(h)`` as one autograd node that keeps only ``h`` (the hand-written backward)."""
-    return _gated_act_op(h, get_activation(act).spec)
+    return _gated_act_autograd(h, get_activation(act).spec)
 
 
 def scaled_forward(act: Activation, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ from .checks import check, check_same_device, check_same_dtype
 from .dtypes import accum_dtype, to_accum
 from .grouped_gemm import grouped_mm, grouped_wgrad_in_layout, segment_sum, wgrad_like
 from .grouped_linear import grouped_linear
-from .library import absent, custom_op, release_saved
+from .library import absent, custom_op, differentiable, needs_input_grad, release_saved
 from .routing import Routing, combine
 from .stacks import Stack, as_list, assemble, is_transposed, split_grad, stack_shape
 from .wgrad import defer_stack, deferred_of, stack_weight_grad
@@ -120,7 +120,7 @@ def _gather_sum_backward(ctx, dout):
     return dout.index_select(0, token_index).to(ctx.rows_dtype), [None] * 6, None, None
 
 
-_gather_sum_op.register_autograd(_gather_sum_backward, setup_context=_gather_sum_setup)
+_gather_sum_autograd = differentiable(_gather_sum_op, _gather_sum_backward, _gather_sum_setup)
 
 
 def gather_sum(rows: Tensor, routing: Routing, dtype: torch.dtype) -> Tensor:
@@ -129,7 +129,7 @@ def gather_sum(rows: Tensor, routing: Routing, dtype: torch.dtype) -> Tensor:
     Deterministic (no atomics) and without an fp32 copy of ``rows``; on CUDA one Triton pass
     without the gathered ``[T*k, H]`` copy either. Differentiable in ``rows``.
     """
-    return _gather_sum_op(rows, routing.tensors(), routing.top_k, dtype)
+    return _gather_sum_autograd(rows, routing.tensors(), routing.top_k, dtype)
 
 
 def bias_prob_grads(
@@ -335,7 +335,7 @@ def _expert_mlp_backward(ctx, dout, _):
     gate_up projection's; deferred weight gradients are queued on their WeightGradStore."""
     x, g, b1, b2, h, *rest = ctx.saved_tensors
     routing, w1, w2 = rest[:6], rest[6:6 + ctx.n1], rest[6 + ctx.n1:]
-    need_x, need_g, needs_w1, needs_w2, need_b1, need_b2 = ctx.needs_input_grad[:6]
+    need_x, need_g, needs_w1, needs_w2, need_b1, need_b2 = needs_input_grad(ctx)[:6]
     need_x = need_x and ctx.input_grad
     need_w1, need_w2 = (any(n) and ctx.weight_grad for n in (needs_w1, needs_w2))
     need_b1, need_b2 = (n and ctx.weight_grad for n in (need_b1, need_b2))
@@ -375,7 +375,7 @@ def _masked(grads: list | None, needs: list[bool]) -> list:
     return [d if n else None for d, n in zip(grads, needs)]
 
 
-_expert_mlp_op.register_autograd(_expert_mlp_backward, setup_context=_expert_mlp_setup)
+_expert_mlp_autograd = differentiable(_expert_mlp_op, _expert_mlp_backward, _expert_mlp_setup)
 
 
 def expert_mlp(
@@ -433,7 +433,7 @@ def expert_mlp(
     w1, _ = defer_stack(w1)
     w2, _ = defer_stack(w2)
     g = gate_weights.reshape(-1).index_select(0, routing.order)
-    out, _ = _expert_mlp_op(x, g, w1, w2, b_gate_up, b_down, routing.tensors(), routing.top_k,
+    out, _ = _expert_mlp_autograd(x, g, w1, w2, b_gate_up, b_down, routing.tensors(), routing.top_k,
                             act.spec, save == "h",
                             resolve_backend(backend, x, act, b_down is not None),
                             input_grad is not False, weight_grad is not False)

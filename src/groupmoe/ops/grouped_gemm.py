@@ -75,14 +75,15 @@ def _bounds(offs: torch.Tensor) -> list[tuple[int, int]]:
 
 def _check_offsets(offs: torch.Tensor, groups: int, where: str) -> None:
     check(offs.dim() == 1 and offs.numel() == groups,
-          f"{where}: offs must be [{groups}] (one end per group), got {tuple(offs.shape)}")
-    check(offs.dtype == torch.int32, f"{where}: offs must be int32, got {offs.dtype}")
+          lambda: f"{where}: offs must be [{groups}] (one end per group), got {tuple(offs.shape)}")
+    check(offs.dtype == torch.int32, lambda: f"{where}: offs must be int32, got {offs.dtype}")
 
 
 def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """``out[rows of group g] = a[rows of g] @ b[g]``; rows past ``offs[-1]`` are undefined."""
     check(a.dim() == 2 and b.dim() == 3 and a.shape[1] == b.shape[1],
-          f"grouped_mm: want a [M, K] and b [G, K, N], got {tuple(a.shape)} and {tuple(b.shape)}")
+          lambda: f"grouped_mm: want a [M, K] and b [G, K, N], got {tuple(a.shape)} and "
+          f"{tuple(b.shape)}")
     _check_offsets(offs, b.shape[0], "grouped_mm")
     check_same_dtype("grouped_mm", a=a, b=b)
     check_same_device("grouped_mm", a=a, b=b, offs=offs)
@@ -99,7 +100,7 @@ def grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Te
 def grouped_mm_wgrad(a: torch.Tensor, dy: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """``out[g] = a[rows of g]^T @ dy[rows of g]``, ``[G, K, N]``; empty groups give zeros."""
     check(a.dim() == 2 and dy.dim() == 2 and a.shape[0] == dy.shape[0],
-          f"grouped_mm_wgrad: want a [M, K] and dy [M, N], got {tuple(a.shape)} and "
+          lambda: f"grouped_mm_wgrad: want a [M, K] and dy [M, N], got {tuple(a.shape)} and "
           f"{tuple(dy.shape)}")
     check_same_dtype("grouped_mm_wgrad", a=a, dy=dy)
     groups = offs.numel()

@@ -8,7 +8,7 @@ import torch
 
 from .checks import check
 from .grouped_gemm import grouped_mm, grouped_wgrad_in_layout, segment_sum, wgrad_like
-from .library import custom_op
+from .library import custom_op, differentiable, needs_input_grad
 from .stacks import Stack, as_list, assemble, is_transposed, stack_shape
 from .wgrad import defer_stack, deferred_of, stack_weight_grad
 
@@ -49,7 +49,7 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, dy):
     x, offsets, *w = ctx.saved_tensors
-    need_x, needs_w = ctx.needs_input_grad[:2]
+    need_x, needs_w = needs_input_grad(ctx)[:2]
     dy = dy.contiguous()
     dx = _grouped_mm_op(dy, w, offsets, True) if need_x else None
     dw = stack_weight_grad(ctx.deferred, any(needs_w), w, _grouped_wgrad_op, x, dy, offsets,
@@ -59,7 +59,7 @@ def _backward(ctx, dy):
     return dx, dw, None, None
 
 
-_grouped_mm_op.register_autograd(_backward, setup_context=_setup)
+_grouped_mm_autograd = differentiable(_grouped_mm_op, _backward, _setup)
 
 
 @custom_op("group_bias")
@@ -93,11 +93,11 @@ def _bias_setup(ctx, inputs, output):
 def _bias_backward(ctx, dy):
     (group_index,) = ctx.saved_tensors
     dbias = _group_bias_backward_op(dy, group_index, ctx.groups) \
-        if ctx.needs_input_grad[1] else None
+        if needs_input_grad(ctx)[1] else None
     return dy, dbias, None
 
 
-_group_bias_op.register_autograd(_bias_backward, setup_context=_bias_setup)
+_group_bias_autograd = differentiable(_group_bias_op, _bias_backward, _bias_setup)
 
 
 def grouped_linear(
@@ -121,10 +121,10 @@ def grouped_linear(
     check(d_in == x.shape[1], lambda: f"grouped_linear: weight is [{groups}, {d_in}, {d_out}] "
           f"but x has {x.shape[1]} columns")
     ws, _ = defer_stack(ws)
-    out = _grouped_mm_op(x, ws, offsets, False)
+    out = _grouped_mm_autograd(x, ws, offsets, False)
     if bias is not None:
         check(group_index is not None, "grouped_linear: a bias needs group_index (row -> group)")
         check(bias.shape == (groups, d_out),
               lambda: f"grouped_linear: bias must be [{groups}, {d_out}], got {tuple(bias.shape)}")
-        out = _group_bias_op(out, bias, group_index)
+        out = _group_bias_autograd(out, bias, group_index)
     return out

@@ -27,11 +27,12 @@ def as_list(w: Stack) -> list[torch.Tensor]:
 def stack_shape(ws: Sequence[torch.Tensor], num_experts: int, where: str) -> tuple[int, ...]:
     """``(E, in, out)`` of a stack in list form, checking that pieces line up."""
     if len(ws) == 1:
-        check(ws[0].dim() == 3, f"{where}: an expert stack must be 3-D [E, in, out], got "
+        check(ws[0].dim() == 3, lambda: f"{where}: an expert stack must be 3-D [E, in, out], got "
               f"{tuple(ws[0].shape)}")
         return tuple(ws[0].shape)
     check(num_experts >= 1 and len(ws) % num_experts == 0,
-          f"{where}: {len(ws)} weight pieces do not split evenly over {num_experts} experts")
+          lambda: f"{where}: {len(ws)} weight pieces do not split evenly over {num_experts} "
+          "experts")
     per = len(ws) // num_experts
     check(all(w.dim() == 2 for w in ws), f"{where}: per-expert weights must be 2-D [out, in]")
     outs = [w.shape[0] for w in ws[:per]]
