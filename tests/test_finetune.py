@@ -169,3 +169,25 @@ def test_compiled_layers_with_checkpointing_match_eager(tmp_path):
     assert any("torch.compile on each of 2 decoder layers" in n for n in compiled["notes"])
     losses = [[r["loss"] for r in run["steps"]] for run in (eager, compiled)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_step_profiler_windows():
+    """torch.profiler over steps 1-2, then cProfile over steps 3-4: each window's report when it
+    ends, and covers() marks exactly those steps."""
+    from groupmoe.finetune.profiling import StepProfiler
+
+    prof = StepProfiler(torch.device("cpu"), first=1, steps=2)
+    reports = {}
+    a = torch.randn(64, 64)
+    for step in range(6):
+        prof.step_begin(step)
+        for _ in range(3):
+            a = torch.tanh(a @ a)
+        prof.step_end(step)
+        if prof.report is not None:
+            reports[step], prof.report = prof.report, None
+    assert sorted(reports) == [2, 4]
+    assert reports[2].startswith("per step:") and "aten::mm" in reports[2]
+    assert reports[4].startswith("host Python under cProfile, 2 steps")
+    assert "tanh" in reports[4]
+    assert [s for s in range(6) if prof.covers(s)] == [1, 2, 3, 4]

@@ -50,7 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="also run IMPL on the same seed and data; both loss curves on one PNG")
     p.add_argument("--profile", action="store_true",
                    help="profile steps 3-4: GPU busy vs wall time, host syncs, largest kernels "
-                        "and host ops (printed and written to profile.txt)")
+                        "and host ops; steps 5-6: host Python functions (cProfile); printed "
+                        "and written to profile.txt")
     p.add_argument("--smoke", action="store_true", help="the tiny model on CPU, a few steps")
 
 

@@ -3,11 +3,16 @@ a few steps after warm-up. Written to ``profile.txt`` in the run folder and prin
 
 What it says: the wall time of the profiled steps against the time the GPU kernels ran (busy
 GPU; the rest is the GPU waiting for the host), the host syncs (each one stops the CPU from
-running ahead of the GPU), and the largest GPU kernels and host ops.
+running ahead of the GPU), and the largest GPU kernels and host ops. The next steps run under
+cProfile (not under torch.profiler, whose own overhead would skew it): the Python functions that
+take the host's time, for steps that are host-bound.
 """
 
 from __future__ import annotations
 
+import cProfile
+import io
+import pstats
 import time
 
 import torch
@@ -43,21 +48,37 @@ def summarize(events, wall_s: float, steps: int, rows: int = 15) -> str:
     return "\n".join(lines)
 
 
+def summarize_python(stats: pstats.Stats, steps: int, rows: int = 20) -> str:
+    """The Python functions with the most own time (``tottime``) in a cProfile of ``steps``."""
+    out = io.StringIO()
+    stats.stream = out
+    stats.sort_stats("tottime").print_stats(rows)
+    body = out.getvalue().split("ncalls", 1)[-1].splitlines()[1:]
+    head = f"host Python under cProfile, {steps} steps (seconds over all of them; ncalls tottime "
+    return "\n".join([head + "percall cumtime percall function):", *[ln for ln in body if ln]])
+
+
 class StepProfiler:
-    """Profiles steps ``[first, first + steps)`` of a training loop: call :meth:`step_begin`
-    and :meth:`step_end` around every step; :attr:`report` holds the summary afterwards."""
+    """Profiles steps ``[first, first + steps)`` of a training loop with torch.profiler and the
+    ``steps`` after them with cProfile: call :meth:`step_begin` and :meth:`step_end` around
+    every step; :attr:`report` holds each summary when its window ends (the caller takes it
+    and sets it back to ``None``)."""
 
     def __init__(self, device: torch.device, first: int = 3, steps: int = 2):
         self.device, self.first, self.steps = device, first, steps
         self.report: str | None = None
         self._prof = None
+        self._python: cProfile.Profile | None = None
         self._t0 = 0.0
 
     def covers(self, step: int) -> bool:
-        """Whether ``step`` runs under the profiler (its time is not representative)."""
-        return self.first <= step < self.first + self.steps
+        """Whether ``step`` runs under a profiler (its time is not representative)."""
+        return self.first <= step < self.first + 2 * self.steps
 
     def step_begin(self, step: int) -> None:
+        if step == self.first + self.steps:
+            self._python = cProfile.Profile()
+            self._python.enable()
         if step != self.first:
             return
         from torch.profiler import ProfilerActivity, profile
@@ -71,6 +92,10 @@ class StepProfiler:
         self._t0 = time.perf_counter()
 
     def step_end(self, step: int) -> None:
+        if self._python is not None and step == self.first + 2 * self.steps - 1:
+            self._python.disable()
+            self.report = summarize_python(pstats.Stats(self._python), self.steps)
+            self._python = None
         if self._prof is None or step != self.first + self.steps - 1:
             return
         sync(self.device)

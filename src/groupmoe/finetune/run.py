@@ -161,6 +161,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     clock, tokens = StepClock(device), metrics.data["tokens_per_step"]
     profiler = StepProfiler(device) if cfg.profile else None
+    reports: list[str] = []
 
     class Recorder(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
@@ -174,7 +175,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             if profiler is not None:
                 profiler.step_end(state.global_step)
                 if profiler.report is not None:
-                    _write_profile(run_dir, profiler, say)
+                    _write_profile(run_dir, profiler, reports, say)
             dt = clock.lap()
             peak = torch.cuda.max_memory_allocated(device) / 2 ** 20 \
                 if device.type == "cuda" else None
@@ -230,11 +231,12 @@ def finetune(cfg: FinetuneConfig) -> dict:
     return result
 
 
-def _write_profile(run_dir: str, profiler: StepProfiler, say) -> None:
+def _write_profile(run_dir: str, profiler: StepProfiler, reports: list[str], say) -> None:
+    # profile.txt holds every window's report so far (torch.profiler's, then cProfile's)
+    reports.append(profiler.report)
     with open(os.path.join(run_dir, "profile.txt"), "w") as fh:
-        fh.write(profiler.report + "\n")
-    say(f"profile of steps {profiler.first}-{profiler.first + profiler.steps - 1}:\n"
-        f"{profiler.report}")
+        fh.write("\n".join(reports) + "\n")
+    say(f"profile:\n{profiler.report}")
     profiler.report = None
 
 
