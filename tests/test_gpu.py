@@ -1,5 +1,7 @@
 """GPU tests (skipped without CUDA): bf16 parity with the fp32 oracle at the benchmark shapes."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -53,6 +55,9 @@ def _fwd_bwd(fn, leaves, ids, shape, dout):
 @pytest.mark.parametrize("name", list(SHAPES))
 def test_bf16_matches_fp32_oracle(name, skew):
     shape = SHAPES[name]
+    # the fp32 oracle holds every stack, its gradient and the loop's copies: keep the layer's
+    # dims and top-k but at most 64 experts (deepseek-v4's 256 need ~100 GiB)
+    shape = dataclasses.replace(shape, experts=min(shape.experts, 64))
     tokens = 256 if name != "mixtral-8x7b" else 128
     ref_leaves, ids = _problem(shape, tokens, torch.float32, skew)
     dout = torch.randn(tokens, shape.hidden, device="cuda")
