@@ -3,18 +3,26 @@ GROUPMOE_BACKEND=triton: the Triton kernels against the torch path and the oracl
 
 import torch
 
-from groupmoe.ops import backend, get_activation
+from groupmoe.ops import Activation, backend, get_activation
 from groupmoe.ops.activations import scaled_backward, scaled_forward
 from moe_cases import make_case, rel_err, run
 
 assert backend.get_backend() == "triton"
 torch.manual_seed(0)
-for name in ("swiglu", "gptoss"):
-    act = get_activation(name)
+# the standalone activation kernel: every function, gate layout, clamp and offset
+ACTS = {name: get_activation(name) for name in ("swiglu", "gptoss", "geglu", "relu2")}
+ACTS.update({
+    "gelu-erf": Activation("gelu"), "relu-gated": Activation("relu"),
+    "silu-clamped": Activation(gate_limit=7.0, up_limit=7.0),  # deepseek-v4's
+    "sigmoid-alpha-interleaved": Activation("sigmoid_alpha", layout="interleaved", alpha=1.5),
+    "gelu-tanh-plain-fp32": Activation("gelu_tanh", gated=False, gate_limit=7.0, fp32=True),
+})
+for name, act in ACTS.items():
     for m, i in ((37, 13), (5, 130), (0, 8)):
-        h = torch.randn(m, 2 * i) * 4
+        h = torch.randn(m, (2 if act.gated else 1) * i) * 4
         if m:
             h[0, :4] = 7.0  # on the clamp limit
+            h[1, :4] = -7.0
         g = torch.randn(m)
         da = torch.randn(m, i)
         assert backend.use_triton(h)
@@ -28,6 +36,8 @@ for name in ("swiglu", "gptoss"):
             assert rel_err(out, ref) < 1e-6, (name, m, i)
             assert rel_err(dh, ref_dh) < 1e-6 and rel_err(a, ref_a) < 1e-6
             assert rel_err(dg, ref_dg) < 1e-5, (name, rel_err(dg, ref_dg))
+    if name not in ("swiglu", "gptoss"):
+        continue
     for save in ("h", "none"):
         case = make_case(29, 16, 12, 5, 2, torch.float32, bias=name == "gptoss",
                          activation=name, load="skewed", signed_gates=True)

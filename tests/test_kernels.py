@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from groupmoe.kernels import triton_available
-from groupmoe.ops import backend, get_activation
+from groupmoe.ops import Activation, backend, get_activation
 from groupmoe.ops.activations import scaled_backward, scaled_forward
 from moe_cases import rel_err
 
@@ -32,11 +32,17 @@ def test_backend_switch_validates():
     assert not backend.use_triton(torch.zeros(1))  # CPU tensors run torch outside the interpreter
 
 
+GPU_ACTS = {"swiglu": "swiglu", "gptoss": "gptoss", "geglu": "geglu", "relu2": "relu2",
+            "gelu-erf": Activation("gelu"), "silu-clamped": Activation(gate_limit=7.0,
+                                                                        up_limit=7.0)}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["swiglu", "gptoss"])
+@pytest.mark.parametrize("name", list(GPU_ACTS))
 def test_kernels_match_torch_on_cuda(name):
-    act = get_activation(name)
-    h = (torch.randn(4099, 2 * 1000, device="cuda") * 3).bfloat16()
+    act = get_activation(GPU_ACTS[name])
+    width = (2 if act.gated else 1) * 1000
+    h = (torch.randn(4099, width, device="cuda") * 3).bfloat16()
     g = torch.rand(4099, device="cuda")
     da = torch.randn(4099, 1000, device="cuda").bfloat16()
     out = scaled_forward(act, h, g)

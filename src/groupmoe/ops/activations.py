@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn.functional as F
 
-from .backend import FUSED_ACTIVATIONS, use_triton
+from .backend import use_triton
 from .checks import check
 from .dtypes import accum_dtype
 from .library import custom_op, differentiable
@@ -242,7 +242,7 @@ def gated_act(h: torch.Tensor, act: str | Activation) -> torch.Tensor:
 
 def scaled_forward(act: Activation, h: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """``g[:, None] * act(h)``: the router weight applied before the down projection."""
-    if act.name in FUSED_ACTIVATIONS and use_triton(h):
+    if use_triton(h):
         from ..kernels.activation import act_scaled_forward
 
         return act_scaled_forward(act, h, g)
@@ -258,7 +258,7 @@ def scaled_backward(
     Returns ``dh``, ``g * act(h)`` (if asked, for the down weight's gradient) and
     ``dg = <da_scaled, act(h)>`` accumulated in fp32 (if asked). May overwrite ``da_scaled``.
     """
-    if act.name in FUSED_ACTIVATIONS and use_triton(h):
+    if use_triton(h):
         from ..kernels.activation import act_scaled_backward
 
         dh, a_scaled, dg = act_scaled_backward(act, h, g, da_scaled, want_a_scaled)

@@ -57,7 +57,8 @@ def use_triton(t: torch.Tensor) -> bool:
     return _backend == "triton" and interpreting() and triton_available()
 
 
-# Activation.name of the forms the Triton kernels implement; the others run torch's ops
+# Activation.name of the forms the fused-GEMM Triton kernels implement in their epilogues (the
+# standalone activation kernel takes every form)
 FUSED_ACTIVATIONS = ("swiglu", "gptoss")
 
 
