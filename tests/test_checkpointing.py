@@ -125,3 +125,83 @@ def test_modulelist_mixtral_jitter_under_checkpoint():
         return _grads(model)
 
     _assert_same(run(True), run(False), 1e-12)
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the groupmoe ops that reach the dispatcher (an op whose output selective
+    checkpointing replays from the forward does not reach it again)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "groupmoe":
+            self.counts[func._opname] = self.counts.get(func._opname, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("keep,once", [((), ()), (("routing",), ("build_routing",)),
+                                       (("routing", "experts"),
+                                        ("build_routing", "expert_mlp"))])
+def test_selective_checkpoint_keeps_chosen_ops(keep, once):
+    """checkpoint_context(keep): the kept ops run once per block (forward only), the others
+    twice (forward and recompute); gradients equal to no checkpointing."""
+    torch.manual_seed(0)
+    blocks = torch.nn.ModuleList(groupmoe.MoEBlock(16, 8, 6, 2, dtype=torch.float64)
+                                 for _ in range(2)).train()
+    x = torch.randn(2, 9, 16, dtype=torch.float64, requires_grad=True)
+    context = groupmoe.ops.checkpoint_context(keep)
+
+    def run(ckpt):
+        blocks.zero_grad(set_to_none=True)
+        x.grad = None
+        with _OpCounter() as counter:
+            h = x
+            for block in blocks:
+                h = h + (checkpoint(block, h, use_reentrant=False, context_fn=context)[0]
+                         if ckpt else block(h)[0])
+            h.square().sum().backward()
+        return {**_grads(blocks), "x": x.grad.clone()}, counter.counts
+
+    want, plain = run(False)
+    got, counts = run(True)
+    _assert_same(got, want, 1e-12)
+    for op in ("build_routing", "expert_mlp"):
+        assert counts[op] == plain[op] * (1 if op in once else 2), (op, counts)
+
+
+def test_selective_checkpoint_qlora_transformers():
+    """The QLoRA experts' chunked op kept through transformers' gradient checkpointing kwargs:
+    run once per layer, the same gradients as plain checkpointing."""
+    _transformers5()
+    from groupmoe.integrations import expert_lora_targets
+    from test_transformers import build, tokens
+    from test_transformers_4bit import _peft, _quantize
+
+    model = build("gpt_oss")
+    _quantize(model, "groupmoe", False)
+    model = _peft(model, expert_lora_targets(model), 0)
+    assert groupmoe.patch(model).patched
+    model.train()
+    ids = tokens()
+
+    def step(**kwargs):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={
+            "use_reentrant": False, **kwargs})
+        model.zero_grad(set_to_none=True)
+        with _OpCounter() as counter:
+            model(ids, labels=ids, use_cache=False).loss.backward()
+        return _grads(model), counter.counts
+
+    want, plain = step()
+    got, counts = step(context_fn=groupmoe.ops.checkpoint_context(("routing", "experts")))
+    _assert_same(got, want, 1e-6)
+    layers = plain["chunked_expert_mlp"] // 2
+    assert layers >= 1 and counts["chunked_expert_mlp"] == layers
+    assert counts["build_routing"] == layers and plain["build_routing"] == 2 * layers
+
+
+def test_checkpoint_context_rejects_unknown_names():
+    with pytest.raises(ValueError, match="cannot keep 'weights'"):
+        groupmoe.ops.checkpoint_context(("weights",))

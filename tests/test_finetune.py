@@ -171,6 +171,16 @@ def test_compiled_layers_with_checkpointing_match_eager(tmp_path):
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
+def test_checkpoint_keep_gives_the_same_losses(tmp_path):
+    """--checkpoint-keep (selective checkpointing of groupmoe's ops): plain, routing (the
+    default) and routing + experts train to the same losses."""
+    runs = {keep: _run(tmp_path / "-".join(keep or ("none",)), steps=3,
+                       gradient_checkpointing=True, checkpoint_keep=keep)
+            for keep in ((), ("routing",), ("routing", "experts"))}
+    losses = [[r["loss"] for r in run["steps"]] for run in runs.values()]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6) == losses[2]
+
+
 def test_step_profiler_windows():
     """torch.profiler over steps 1-2, then cProfile over steps 3-4: each window's report when it
     ends, and covers() marks exactly those steps."""
@@ -191,3 +201,23 @@ def test_step_profiler_windows():
     assert reports[4].startswith("host Python under cProfile, 2 steps")
     assert "tanh" in reports[4]
     assert [s for s in range(6) if prof.covers(s)] == [1, 2, 3, 4]
+
+
+def test_trainer_counts_parameters_once(tmp_path, monkeypatch):
+    """The finetune Trainer's FLOP count equals transformers' own, from one parameter count."""
+    from transformers import Trainer, TrainingArguments
+
+    from groupmoe.finetune.run import _trainer_class
+    from test_transformers import build, tokens
+
+    model = build("qwen3_moe")
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    ours, theirs = _trainer_class(Trainer)(model=model, args=args), Trainer(model=model, args=args)
+    inputs = {"input_ids": tokens()}
+    counted = []
+    count = model.num_parameters
+    monkeypatch.setattr(model, "num_parameters", lambda **kw: counted.append(1) or count(**kw))
+    want = theirs.floating_point_ops(inputs)
+    assert want > 0 and len(counted) == 1
+    assert [ours.floating_point_ops(inputs) for _ in range(3)] == [want] * 3
+    assert len(counted) == 2  # once for transformers' call, once for all three of ours

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 
+from ..ops.checkpoint import KEEPABLE
 from .configs import MODELS
 from .model import TARGETS
 from .run import IMPLS, FinetuneConfig, FinetuneOOM, compare, finetune, smoke_config
@@ -34,6 +35,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=d.batch)
     p.add_argument("--grad-accum", type=int, default=d.grad_accum)
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--checkpoint-keep", nargs="*", default=list(d.checkpoint_keep),
+                   choices=sorted(KEEPABLE),
+                   help="with checkpointing, keep these outputs of groupmoe's ops from the "
+                        "forward instead of recomputing them: routing (a few int vectors), "
+                        "experts (the expert MLP's output and its gate_up output h per layer: "
+                        "memory for one less expert forward, and dequantization, per step); "
+                        "none: plain checkpointing")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile each decoder layer (one graph per layer type)")
     p.add_argument("--attention", default=None,
@@ -59,6 +67,7 @@ def config_from(args: argparse.Namespace) -> FinetuneConfig:
     fields = {f.name for f in dataclasses.fields(FinetuneConfig)}
     values = {k: v for k, v in vars(args).items() if k in fields}
     values["lora_targets"] = tuple(values["lora_targets"])
+    values["checkpoint_keep"] = tuple(values["checkpoint_keep"])
     if args.smoke:
         kept = ("impl", "out", "seed", "data", "profile", "compile")
         return smoke_config(**{k: values[k] for k in kept})

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..ops.checkpoint import checkpoint_context
 from ..ops.checks import check
 from .configs import model_spec
 from .data import TokenWindows, train_tokenizer
@@ -30,7 +31,10 @@ class FinetuneConfig:
     experts are double-quantized (8-bit absmax, as QLoRA) and dequantized
     ``dequant_chunk_mib`` of a stack at a time (0: whole stacks, no host sync). ``loss_chunk``:
     the LM head and cross-entropy run that many positions at a time (0: the model's own loss
-    over the whole logits). ``compile``: ``torch.compile`` each decoder layer. ``attention``:
+    over the whole logits). ``checkpoint_keep``: with gradient checkpointing, what groupmoe keeps
+    from the forward instead of recomputing (:func:`groupmoe.ops.checkpoint_context`:
+    ``"routing"``, ``"experts"``; empty: plain checkpointing). ``compile``: ``torch.compile``
+    each decoder layer. ``attention``:
     transformers' attention implementation (``"sdpa"``, ``"flex_attention"``, ``"eager"``;
     ``None``: the model's default). ``data``: a text or JSONL file, default the Python
     standard library's source."""
@@ -48,6 +52,7 @@ class FinetuneConfig:
     batch: int = 1
     grad_accum: int = 1
     gradient_checkpointing: bool = False
+    checkpoint_keep: tuple[str, ...] = ("routing",)
     compile: bool = False
     attention: str | None = None
     steps: int = 50
@@ -195,11 +200,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
         gradient_accumulation_steps=cfg.grad_accum, max_steps=cfg.steps, learning_rate=cfg.lr,
         lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
         bf16=dtype == torch.bfloat16, use_cpu=device.type == "cpu", seed=cfg.seed,
-        **{ckpt: cfg.gradient_checkpointing, f"{ckpt}_kwargs": {"use_reentrant": False}},
+        **{ckpt: cfg.gradient_checkpointing, f"{ckpt}_kwargs": _checkpoint_kwargs(cfg)},
         dataloader_num_workers=0, disable_tqdm=not cfg.progress,
         remove_unused_columns=False)
-    trainer = Trainer(model=model, args=args, train_dataset=windows, callbacks=[Recorder()],
-                      compute_loss_func=loss_func)
+    trainer = _trainer_class(Trainer)(model=model, args=args, train_dataset=windows,
+                                      callbacks=[Recorder()], compute_loss_func=loss_func)
     say(f"training {cfg.steps} steps of {metrics.data['tokens_per_step']} tokens")
     try:
         trainer.train()
@@ -229,6 +234,32 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+def _trainer_class(trainer_cls):
+    """The Trainer with its FLOP count (logged as ``total_flos``) taken from a parameter count
+    made once: transformers re-counts every parameter each step (a walk of the whole module
+    tree, milliseconds of host time per step on a whole model with LoRA)."""
+
+    class CountOnceTrainer(trainer_cls):
+        _params: int | None = None
+
+        def floating_point_ops(self, inputs):  # transformers' formula, 6 x tokens x params
+            main = getattr(self.model, "main_input_name", "input_ids")
+            if main not in inputs or not hasattr(self.model, "num_parameters"):
+                return super().floating_point_ops(inputs)
+            if self._params is None:
+                self._params = self.model.num_parameters(exclude_embeddings=True)
+            return 6 * inputs[main].numel() * self._params
+
+    return CountOnceTrainer
+
+
+def _checkpoint_kwargs(cfg: FinetuneConfig) -> dict:
+    kwargs = {"use_reentrant": False}
+    if cfg.impl == "groupmoe" and cfg.checkpoint_keep:
+        kwargs["context_fn"] = checkpoint_context(cfg.checkpoint_keep)
+    return kwargs
 
 
 def _write_profile(run_dir: str, profiler: StepProfiler, reports: list[str], say) -> None:
