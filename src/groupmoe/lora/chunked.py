@@ -167,10 +167,13 @@ def _chunked_forward_op(
                  routing, top_k, act, s1, s2)
     routing_, act_ = plan.routing, plan.act
     n = routing_.num_rows
-    y = x.new_empty(n, x.shape[1])
-    h_all = x.new_empty(n, w1_shape[2]) if save_h else absent(x)
-    u_all = x.new_empty(n, _rank(a1)) if a1 is not None else absent(x)
-    v_all = x.new_empty(n, _rank(a2)) if a2 is not None else absent(x)
+    # one chunk holds every row (whole stacks, the default): its tensors are the results, no
+    # copies into buffers
+    whole = len(plan.chunks) == 1
+    y = x.new_empty(0 if whole else n, x.shape[1])
+    h_all = x.new_empty(0 if whole else n, w1_shape[2]) if save_h else absent(x)
+    u_all = x.new_empty(0 if whole else n, _rank(a1)) if a1 is not None else absent(x)
+    v_all = x.new_empty(0 if whole else n, _rank(a2)) if a2 is not None else absent(x)
     for c in plan.chunks:
         g_c = g[c.r0:c.r1]
         xs = x.index_select(0, routing_.token_index[c.r0:c.r1])
@@ -181,17 +184,23 @@ def _chunked_forward_op(
         if a2 is not None:
             v = grouped_mm(a, _factor(a2, c, x.dtype), c.offs)
             y_c += grouped_mm(v, _factor(lb2, c, x.dtype), c.offs).mul_(s2)
-            v_all[c.r0:c.r1] = v
+        else:
+            v = None
         del a
         if b2 is not None:
             idx = routing_.expert_index[c.r0:c.r1]
             y_c += g_c.to(y_c.dtype).unsqueeze(1) * b2.index_select(0, idx)
-        y[c.r0:c.r1] = y_c
-        if save_h:
-            h_all[c.r0:c.r1] = h
-        if u is not None:
-            u_all[c.r0:c.r1] = u
-        del y_c, h, u
+        if whole:
+            y = y_c
+            h_all = h if save_h else h_all
+            u_all = u if u is not None else u_all
+            v_all = v if v is not None else v_all
+        else:
+            y[c.r0:c.r1] = y_c
+            for buf, part in ((h_all, h if save_h else None), (u_all, u), (v_all, v)):
+                if part is not None:
+                    buf[c.r0:c.r1] = part
+        del y_c, h, u, v
     return _gather_sum(y, routing_, x.dtype), h_all, u_all, v_all
 
 
@@ -223,8 +232,10 @@ def _chunked_backward_op(
     dt = x.dtype
     acc = accum_dtype(dt)
     dout = dout.contiguous()
-    dxs = x.new_empty(routing_.num_rows, x.shape[1]) if need_x else None
-    dg = torch.zeros(routing_.num_rows, dtype=acc, device=x.device) if need_g else None
+    whole = len(plan.chunks) == 1  # as in the forward: the chunk's row tensors are the results
+    rows = 0 if whole else routing_.num_rows
+    dxs = x.new_empty(rows, x.shape[1]) if need_x else None
+    dg = torch.zeros(rows, dtype=acc, device=x.device) if need_g else None
     db1 = torch.zeros(b1.shape, dtype=acc, device=x.device) if need_b1 else None
     db2 = torch.zeros(b2.shape, dtype=acc, device=x.device) if need_b2 else None
     lora_grads = [torch.zeros(t.shape, dtype=dt, device=x.device) if t is not None and n
@@ -262,7 +273,11 @@ def _chunked_backward_op(
             da2[c.e0:c.e1] = grouped_mm_wgrad(a_scaled, dv, c.offs)
         del a_scaled, dv
         if need_g:
-            dg[c.r0:c.r1] = dg_c + dprob if b2 is not None else dg_c
+            dg_c = dg_c + dprob if b2 is not None else dg_c
+            if whole:
+                dg = dg_c
+            else:
+                dg[c.r0:c.r1] = dg_c
         if need_b1:
             db1[c.e0:c.e1] = segment_sum(dh, idx, c.e1 - c.e0, c.offs)
         du = None
@@ -279,7 +294,10 @@ def _chunked_backward_op(
             dxs_c = grouped_mm(dh, w1.transpose(-1, -2), c.offs)
             if du is not None:
                 dxs_c += grouped_mm(du, _factor(a1, c, dt).transpose(-1, -2), c.offs)
-            dxs[c.r0:c.r1] = dxs_c
+            if whole:
+                dxs = dxs_c
+            else:
+                dxs[c.r0:c.r1] = dxs_c
             del dxs_c
         del w1, dh, du
     grads = [_gather_sum(dxs, routing_, dt) if need_x else None,
