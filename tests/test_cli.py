@@ -130,3 +130,16 @@ def test_ep_cost_model_calibrates_on_ep2_and_finds_the_link_bound():
     assert rows[8]["bound"] == "compute" and rows[16]["bound"] == "link"
     assert rows[8]["overlap_ms"] < rows[8]["step_ms"]
     assert step_ms(4.0, 1.0, 0.5, chunks=1) == 5.5 and step_ms(4.0, 1.0, 0.5, chunks=4) == 4.75
+
+
+def test_host_bench_smoke(tmp_path, capsys):
+    """groupmoe.bench.host on CPU: every piece timed, host and wall positive, JSON written."""
+    from groupmoe.bench import host
+
+    out = tmp_path / "host.json"
+    host.main(["--smoke", "--calls", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["piece"] for r in rows} >= {"build_routing", "experts forward+backward",
+                                          "NF4 experts forward+backward"}
+    assert all(r["host_ms"] > 0 and r["wall_ms"] > 0 for r in rows)
+    assert "| build_routing |" in capsys.readouterr().out
