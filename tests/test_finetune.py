@@ -179,6 +179,11 @@ def test_checkpoint_keep_gives_the_same_losses(tmp_path):
             for keep in ((), ("routing",), ("routing", "experts"))}
     losses = [[r["loss"] for r in run["steps"]] for run in runs.values()]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) == losses[2]
+    notes = [n for run in runs.values() for n in run["notes"] if "checkpointing" in n]
+    assert notes == ["plain gradient checkpointing (--checkpoint-keep none)",
+                     "gradient checkpointing keeps groupmoe's routing from the forward (not "
+                     "recomputed)", "gradient checkpointing keeps groupmoe's routing and "
+                     "experts from the forward (not recomputed)"]
 
 
 def test_step_profiler_windows():

@@ -152,6 +152,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     report = use_experts_implementation(model, cfg.impl)
     if report is not None:
         notes.append(str(report))
+    if cfg.gradient_checkpointing:
+        notes.append(_checkpoint_note(cfg))
     if cfg.compile:
         say("compiling the decoder layers (on the first step)")
         notes.append(f"torch.compile on each of {compile_layers(model)} decoder layers")
@@ -253,6 +255,16 @@ def _trainer_class(trainer_cls):
             return 6 * inputs[main].numel() * self._params
 
     return CountOnceTrainer
+
+
+def _checkpoint_note(cfg: FinetuneConfig) -> str:
+    if cfg.impl != "groupmoe":
+        return (f"plain gradient checkpointing: --checkpoint-keep applies to groupmoe's ops, "
+                f"{cfg.impl} runs transformers' own experts")
+    if not cfg.checkpoint_keep:
+        return "plain gradient checkpointing (--checkpoint-keep none)"
+    return (f"gradient checkpointing keeps groupmoe's {' and '.join(cfg.checkpoint_keep)} "
+            "from the forward (not recomputed)")
 
 
 def _checkpoint_kwargs(cfg: FinetuneConfig) -> dict:
