@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call: GPU tests and the benchmarks, results under $OUT. Stages: tests layer
 # layer32k memory wgrad hf hf-profile qlora kernels triton-bwd peers profile fsdp finetune
-# fsdp-tune layer-block host (default: all but kernels, triton-bwd, peers, fsdp*, finetune,
-# layer-block and host; peers needs liger-kernel's wheel in .whl, fsdp two
+# fsdp-tune layer-block host saved (default: all but kernels, triton-bwd, peers, fsdp*,
+# finetune, layer-block, host and saved; peers needs liger-kernel's wheel in .whl, fsdp two
 # GPUs). Run from the repository root.
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -82,6 +82,8 @@ for s in $stages; do
     # host time against wall time per piece of one layer call at fine-tuning token counts
     host) for t in 2048 8192; do python3 -m groupmoe.bench.host --tokens $t \
             --out "$OUT/host_$t.json"; done ;;
+    # what a forward keeps for backward, tensor by tensor, against what it leaves allocated
+    saved) for i in experts block; do python3 -m groupmoe.bench.saved --impl $i; done ;;
     profile) python3 -m groupmoe.bench.profile --shape qwen3-30b-a3b --impls groupmoe dense \
                --rows 14 2>&1 \
                | awk '/^per step/ {print; next} !/^-----/ {print substr($0, 1, 60) substr($0, 100, 70)}' ;;

@@ -143,3 +143,14 @@ def test_host_bench_smoke(tmp_path, capsys):
                                           "NF4 experts forward+backward"}
     assert all(r["host_ms"] > 0 and r["wall_ms"] > 0 for r in rows)
     assert "| build_routing |" in capsys.readouterr().out
+
+
+def test_saved_bench_smoke(capsys):
+    """groupmoe.bench.saved on CPU: the block's saved tensors by kind, routing ints included."""
+    from groupmoe.bench import saved
+
+    saved.main(["--smoke", "--impl", "block"])
+    out = capsys.readouterr().out
+    assert "| parameter | [8, 64, 64] |" in out and "| input | [32, 64] |" in out
+    assert "| activation | [64, 64] | float32 |" in out  # h: 32 tokens x k 2, 2I = 64
+    assert "saved activations" in out
