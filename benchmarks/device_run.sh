@@ -18,7 +18,7 @@ for s in $stages; do
   echo "=== $s"
   case $s in
     # the full log stays in $OUT even when a caller's timeout cuts the run short
-    tests) timeout ${TESTS_TIMEOUT:-900} python3 -m pytest -q -rf -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
+    tests) timeout ${TESTS_TIMEOUT:-540} python3 -m pytest -q -rf -m gpu tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -15 ;;
     layer) python3 -m groupmoe bench --tokens 8192 \
              --impls loop naive groupmoe groupmoe-recompute dense --out "$OUT/layer_8192.json" \
              | grep '^|' ;;
