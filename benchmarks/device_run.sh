@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One device call: GPU tests and the benchmarks, results under $OUT. Stages: tests layer
 # layer32k memory wgrad hf hf-profile qlora kernels triton-bwd peers profile fsdp finetune
-# fsdp-tune layer-block host saved (default: all but kernels, triton-bwd, peers, fsdp*,
-# finetune, layer-block, host and saved; peers needs liger-kernel's wheel in .whl, fsdp two
-# GPUs). Run from the repository root.
+# fsdp-tune layer-block host saved ep (default: all but kernels, triton-bwd, peers, fsdp*,
+# finetune, layer-block, host, saved and ep; peers needs liger-kernel's wheel in .whl, fsdp*
+# and ep two GPUs). Run from the repository root.
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 OUT=${OUT:-bench_out}; mkdir -p "$OUT"
@@ -82,6 +82,9 @@ for s in $stages; do
     # host time against wall time per piece of one layer call at fine-tuning token counts
     host) for t in 2048 8192; do python3 -m groupmoe.bench.host --tokens $t \
             --out "$OUT/host_$t.json"; done ;;
+    # expert parallel on 2 GPUs: unpipelined and pipelined in 2 and 4 chunks
+    ep) torchrun --nproc-per-node 2 -m groupmoe.bench.ep_bench --overlap-chunks 1 2 4 \
+          --out "$OUT/ep.json" 2>&1 | grep -v "^W" ;;
     # what a forward keeps for backward, tensor by tensor, against what it leaves allocated
     saved) for i in experts block; do python3 -m groupmoe.bench.saved --impl $i; done ;;
     profile) python3 -m groupmoe.bench.profile --shape qwen3-30b-a3b --impls groupmoe dense \

@@ -70,14 +70,15 @@ def _full_experts(case, activation, bias):
     return full
 
 
-def _check_parity(rank, world, seed, tokens, h, i, e, k, load, activation, bias, impl, save):
+def _check_parity(rank, world, seed, tokens, h, i, e, k, load, activation, bias, impl, save,
+                  chunks=1):
     torch.manual_seed(seed)
     case = make_case(sum(tokens), h, i, e, k, torch.float64, bias, activation, load,
                      scale=4.0 if activation == "gptoss" else 1.0)
     ref, ref_grads, up = run(case, "loop")
     full = _full_experts(case, activation, bias)
     full.impl, full.save = impl, save
-    ep = ExpertParallel.from_experts(full)
+    ep = ExpertParallel.from_experts(full, overlap_chunks=chunks)
     assert ep.num_experts == e // world and ep.global_num_experts == e
     lo, hi = sum(tokens[:rank]), sum(tokens[:rank + 1])
     x = case.x.detach()[lo:hi].clone().requires_grad_(True)
@@ -92,7 +93,7 @@ def _check_parity(rank, world, seed, tokens, h, i, e, k, load, activation, bias,
         WEIGHT_GRAD_STORE.disable()
         assert ep.gate_up.grad is None and ep.down.grad is None
         WEIGHT_GRAD_STORE.pop()
-    what = f"rank {rank}, case {tokens, h, i, e, k, load, activation, bias, impl, save}"
+    what = f"rank {rank}, case {tokens, h, i, e, k, load, activation, bias, impl, save, chunks}"
     assert out.shape == (hi - lo, h) and out.dtype == torch.float64, what
     if hi > lo:
         assert rel_err(out, ref[lo:hi]) < 1e-12, what
@@ -258,6 +259,13 @@ def _expect_error(match, fn):
         fn()
 
 
+def _check_overlap_errors():
+    with pytest.raises(ValueError, match="overlap_chunks must be an int >= 1"):
+        ExpertParallel(8, 4, 4, overlap_chunks=0)
+    with pytest.raises(ValueError, match="not supported yet"):
+        ExpertParallel(8, 4, 4, overlap_chunks=2, capacity_factor=1.0)
+
+
 def _check_errors(rank, world):
     group = dist.group.WORLD
     _expect_error("not divisible", lambda: ExpertParallel(8, 4, world + 1, group=group))
@@ -281,6 +289,11 @@ def _check_errors(rank, world):
 def _worker(rank, world):
     for seed, args in enumerate(CASES[world]):
         _check_parity(rank, world, seed, *args)
+    # pipelined in chunks: 3 (a rank with 0 tokens, deferred dW, a shard without tokens), and
+    # more chunks than some ranks have tokens
+    for seed, args in enumerate(CASES[world][:3]):
+        _check_parity(rank, world, seed, *args, chunks=3)
+    _check_parity(rank, world, 0, *CASES[world][0], chunks=8)
     if world == 4:
         _check_mesh_2d(rank, world)
     else:
@@ -289,6 +302,7 @@ def _worker(rank, world):
         for name in ("qwen3_moe", "gpt_oss"):
             _check_transformers(rank, world, name)
     _check_errors(rank, world)
+    _check_overlap_errors()
 
 
 @pytest.mark.parametrize("world", [2, 4])

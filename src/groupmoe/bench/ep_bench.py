@@ -119,7 +119,10 @@ def time_ms(step, iters: int, warmup: int) -> list[float]:
 
 
 def throughput(rank: int, world: int, tokens: int, iters: int, warmup: int,
-               shape: tuple[int, int, int, int]) -> dict:
+               shape: tuple[int, int, int, int], overlap: tuple[int, ...] = (1,)) -> dict:
+    """One GPU on ``tokens``, then EP over ``world`` ranks on ``world * tokens``, once per
+    ``overlap_chunks`` value in ``overlap`` (rows ``ep{world}`` and ``ep{world}-overlap{c}``);
+    efficiencies against the one-GPU row."""
     h, i, e, k = shape
     cuda = DEV.type == "cuda"
     set_validation(False)  # no data checks (one host sync each); EP keeps its own count sync
@@ -129,9 +132,11 @@ def throughput(rank: int, world: int, tokens: int, iters: int, warmup: int,
     x, ids, gates = x[lo:hi].contiguous(), ids[lo:hi].contiguous(), gates[lo:hi].contiguous()
     dout = torch.randn_like(x)
     res = {}
-    for name, module in (("1gpu", full), (f"ep{world}", None)):
-        if module is None:
-            module = ExpertParallel.from_experts(full)
+    variants = [("1gpu", None)] + [(ep_name(world, c), c) for c in overlap]
+    for n, (name, chunks) in enumerate(variants):
+        module = full if chunks is None else ExpertParallel.from_experts(
+            full, overlap_chunks=chunks)
+        if n == len(variants) - 1:
             del full
         if cuda:
             torch.cuda.empty_cache()
@@ -150,9 +155,16 @@ def throughput(rank: int, world: int, tokens: int, iters: int, warmup: int,
                      "train_tokens_per_s": tokens * gpus / train_ms * 1e3,
                      "train_tflops_per_gpu": 2 * tokens * k * 3 * h * i * 3 / train_ms / 1e9}
         del module
-    one, ep = res["1gpu"], res[f"ep{world}"]
-    res["per_gpu_efficiency"] = ep["train_tokens_per_s"] / world / one["train_tokens_per_s"]
+    one = res["1gpu"]
+    for name, _ in variants[1:]:
+        res[name]["per_gpu_efficiency"] = \
+            res[name]["train_tokens_per_s"] / world / one["train_tokens_per_s"]
+    res["per_gpu_efficiency"] = res[variants[1][0]]["per_gpu_efficiency"]
     return res
+
+
+def ep_name(world: int, chunks: int) -> str:
+    return f"ep{world}" if chunks == 1 else f"ep{world}-overlap{chunks}"
 
 
 def main() -> None:
@@ -162,6 +174,8 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--dry-run", action="store_true", help="CPU + gloo, tiny shapes")
+    p.add_argument("--overlap-chunks", type=int, nargs="+", default=[1],
+                   help="ExpertParallel(overlap_chunks=...) values to time, one row each")
     args = p.parse_args()
     global DEV
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -194,7 +208,8 @@ def main() -> None:
     fp64_err, fp32_err = worst.tolist()
     result["correctness"]["worst_fp64"], result["correctness"]["worst_fp32"] = fp64_err, fp32_err
     result["correctness"]["pass"] = fp64_err < 1e-10 and fp32_err < 1e-4
-    result["throughput"] = throughput(rank, world, tokens, args.iters, args.warmup, shape)
+    result["throughput"] = throughput(rank, world, tokens, args.iters, args.warmup, shape,
+                                      tuple(args.overlap_chunks))
     if rank == 0:
         c, t = result["correctness"], result["throughput"]
         print(f"{result['device']} x{world}, torch {result['torch']}")
@@ -204,12 +219,12 @@ def main() -> None:
               f"{tokens}")
         print(f"{'config':8} {'tokens':>7} {'fwd ms':>8} {'train ms':>9} {'tok/s':>10} "
               f"{'TFLOP/s/gpu':>11} {'peak MiB':>9}")
-        for name in ("1gpu", f"ep{world}"):
+        for name in ["1gpu"] + [ep_name(world, c) for c in args.overlap_chunks]:
             r = t[name]
+            eff = f" efficiency {r['per_gpu_efficiency']:.2f}" if name != "1gpu" else ""
             print(f"{name:8} {r['tokens']:7d} {r['fwd_ms']:8.2f} {r['train_ms']:9.2f} "
                   f"{r['train_tokens_per_s']:10.0f} {r['train_tflops_per_gpu']:11.1f} "
-                  f"{r['peak_extra_mib']:9.0f}")
-        print(f"per-GPU efficiency of EP{world}: {t['per_gpu_efficiency']:.2f}")
+                  f"{r['peak_extra_mib']:9.0f}{eff}")
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=2)

@@ -9,7 +9,9 @@ Data flow of one call on every rank of the expert-parallel (EP) group::
 
 Both all-to-alls are autograd nodes whose backward is the reverse exchange, so ``x``, the router
 weights and the local expert weights all get their gradients. The transport is PyTorch's own
-``all_to_all_single`` (NCCL on GPUs, gloo on CPU).
+``all_to_all_single`` (NCCL on GPUs, gloo on CPU). With ``overlap_chunks > 1`` the tokens go
+through this in chunks, pipelined: the exchanges are issued asynchronously so that chunk
+``c``'s experts run while chunk ``c + 1``'s rows travel out and chunk ``c - 1``'s travel back.
 
 Composing with data parallel / FSDP2 (2-D mesh)
 -----------------------------------------------
@@ -45,7 +47,7 @@ import torch.distributed as dist
 
 from ..nn.experts import GroupedExperts, Impl
 from ..ops.activations import Activation
-from ..ops.checks import check
+from ..ops.checks import check, check_expert_ids
 from ..ops.experts import SaveMode, gather_sum
 from ..ops.routing import Routing, build_routing
 
@@ -96,22 +98,53 @@ def _exchange(t: torch.Tensor, out_splits: list[int], in_splits: list[int],
     return out
 
 
-class _AllToAll(torch.autograd.Function):
-    """``all_to_all_single`` of row tensors sharing the same splits; backward is the reverse
-    exchange. One node for several tensors keeps the collectives in one fixed order."""
+class _Pending:
+    """The work handles of collectives issued asynchronously, waited on by :class:`_Wait`."""
+
+    def __init__(self):
+        self.works: list = []
+
+
+class _AsyncAllToAll(torch.autograd.Function):
+    """``all_to_all_single`` of row tensors sharing the same splits, issued without waiting
+    (``async_op``): the outputs are valid once :class:`_Wait` has run on ``pending``, so work
+    queued in between overlaps with the exchange (on NCCL it runs on the communication
+    stream). Backward is the reverse exchange, synchronous. One node for several tensors keeps
+    the collectives in one fixed order on every rank."""
 
     @staticmethod
-    def forward(ctx, group, out_splits, in_splits, *tensors):
+    def forward(ctx, group, out_splits, in_splits, pending, *tensors):
         ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
-        return tuple(_exchange(t, out_splits, in_splits, group) for t in tensors)
+        outs = []
+        for t in tensors:
+            out = t.new_empty((sum(out_splits), *t.shape[1:]))
+            pending.works.append(dist.all_to_all_single(
+                out, t.contiguous(), out_splits, in_splits, group=group, async_op=True))
+            outs.append(out)
+        return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         back = tuple(
             _exchange(g, ctx.in_splits, ctx.out_splits, ctx.group) if need else None
-            for g, need in zip(grads, ctx.needs_input_grad[3:])
+            for g, need in zip(grads, ctx.needs_input_grad[4:])
         )
-        return (None, None, None, *back)
+        return (None, None, None, None, *back)
+
+
+class _Wait(torch.autograd.Function):
+    """Identity on ``tensors`` once ``pending``'s collectives are done (on CUDA the current
+    stream waits for them; the host does not)."""
+
+    @staticmethod
+    def forward(ctx, pending, *tensors):
+        for work in pending.works:
+            work.wait()
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (None, *grads)
 
 
 class _Dispatch(torch.autograd.Function):
@@ -171,6 +204,13 @@ class ExpertParallel(GroupedExperts):
             tokens first, in expert-sorted order) are dropped: their slot adds nothing to the
             output and gets no gradient. :attr:`drop_stats` counts them; the first drop is
             logged.
+        overlap_chunks: split each call's tokens into this many chunks and pipeline them: the
+            dispatch exchange of chunk ``c + 1`` and the combine exchange of chunk ``c - 1``
+            are in flight while chunk ``c``'s experts run (forward; the backward exchanges
+            stay synchronous). One count exchange and one host sync per call whatever the
+            count. ``1`` (default) is the unpipelined path; results are equal either way (up
+            to the summation order of the weight gradients over chunks). Not combinable with
+            ``capacity_factor`` yet.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
@@ -178,19 +218,23 @@ class ExpertParallel(GroupedExperts):
                  impl: Impl = "groupmoe",
                  save: SaveMode | None = None, group=None, mesh_dim: str | int | None = None,
                  weight_grad: bool | None = None, capacity_factor: float | None = None,
-                 device=None, dtype=None):
+                 overlap_chunks: int = 1, device=None, dtype=None):
         check(capacity_factor is None or capacity_factor > 0,
               f"ExpertParallel: capacity_factor must be > 0 or None, got {capacity_factor}")
+        check(isinstance(overlap_chunks, int) and overlap_chunks >= 1,
+              f"ExpertParallel: overlap_chunks must be an int >= 1, got {overlap_chunks!r}")
+        check(capacity_factor is None or overlap_chunks == 1,
+              "ExpertParallel: capacity_factor with overlap_chunks > 1 is not supported yet")
         pg = resolve_group(group, mesh_dim)
         world, rank = dist.get_world_size(pg), dist.get_rank(pg)
         config = (num_experts, hidden_size, intermediate_size, str(activation), bool(bias),
-                  str(dtype or torch.get_default_dtype()), capacity_factor)
+                  str(dtype or torch.get_default_dtype()), capacity_factor, overlap_chunks)
         configs: list = [None] * world
         dist.all_gather_object(configs, config, group=pg)
         for r, c in enumerate(configs):
             check(c == config,
                   f"ExpertParallel: rank {rank} has config (E, H, I, activation, bias, dtype, "
-                  f"capacity_factor) = "
+                  f"capacity_factor, overlap_chunks) = "
                   f"{config} but rank {r} has {c}; all ranks of the group must agree")
         local = local_expert_range(num_experts, rank, world)
         # input_grad stays None: skipping dx on one rank would leave the backward
@@ -201,19 +245,22 @@ class ExpertParallel(GroupedExperts):
         self.global_num_experts = num_experts
         self.expert_offset = local.start
         self.capacity_factor = capacity_factor
+        self.overlap_chunks = overlap_chunks
         self.drop_stats = {"calls": 0, "rows": 0, "dropped": 0}
 
     @classmethod
     def from_experts(cls, experts: GroupedExperts, group=None,
                      mesh_dim: str | int | None = None,
-                     capacity_factor: float | None = None) -> ExpertParallel:
+                     capacity_factor: float | None = None,
+                     overlap_chunks: int = 1) -> ExpertParallel:
         """Shard a full :class:`GroupedExperts` (same weights on every rank): keep this rank's
         slice of every stack. Call it on every rank of the group."""
         gate_up = experts.gate_up
         ep = cls(gate_up.shape[1], experts.down.shape[1], experts.num_experts,
                  experts.activation, experts.gate_up_bias is not None, experts.impl,
                  experts.save, group, mesh_dim, weight_grad=experts.weight_grad,
-                 capacity_factor=capacity_factor, device=gate_up.device, dtype=gate_up.dtype)
+                 capacity_factor=capacity_factor, overlap_chunks=overlap_chunks,
+                 device=gate_up.device, dtype=gate_up.dtype)
         with torch.no_grad():
             for name in ("gate_up", "down", "gate_up_bias", "down_bias"):
                 full = getattr(experts, name)
@@ -222,10 +269,17 @@ class ExpertParallel(GroupedExperts):
                     getattr(ep, name).requires_grad_(full.requires_grad)
         return ep
 
+    def _chunks(self, tokens: int) -> list[tuple[int, int]]:
+        """``overlap_chunks`` contiguous token ranges of near-equal size (some may be empty)."""
+        n = self.overlap_chunks
+        bounds = [tokens * c // n for c in range(n + 1)]
+        return list(zip(bounds[:-1], bounds[1:]))
+
     def _route(self, x, expert_ids, gate_weights, check_ids: bool
-               ) -> tuple[Routing | None, str]:
-        """This rank's routing, or its input error: errors are raised on every rank after the
-        count exchange, so that one rank's bad input never leaves the others waiting."""
+               ) -> tuple[list[Routing] | None, str]:
+        """This rank's routing of each token chunk, or its input error: errors are raised on
+        every rank after the count exchange, so that one rank's bad input never leaves the
+        others waiting."""
         h = self.gate_up.shape[1]
         try:
             check(x.dim() == 2 and x.shape[1] == h,
@@ -242,7 +296,12 @@ class ExpertParallel(GroupedExperts):
                   f"x is {x.dtype} but the expert weights are {self.gate_up.dtype}")
             check(x.device == self.gate_up.device,
                   f"x is on {x.device} but the expert weights are on {self.gate_up.device}")
-            return build_routing(expert_ids, self.global_num_experts, check_ids=check_ids), ""
+            experts = self.global_num_experts
+            if self.overlap_chunks == 1:
+                return [build_routing(expert_ids, experts, check_ids=check_ids)], ""
+            check_expert_ids(expert_ids, experts, "ExpertParallel", values=check_ids)
+            return [build_routing(expert_ids[t0:t1], experts, check_ids=False)
+                    for t0, t1 in self._chunks(x.shape[0])], ""
         except ValueError as e:
             return None, str(e)
 
@@ -264,45 +323,75 @@ class ExpertParallel(GroupedExperts):
         ``check_ids=False`` skips the ids' range check (and its device sync) for ids in range
         by construction, as :meth:`GroupedExperts.forward <groupmoe.nn.GroupedExperts.forward>`.
         """
-        world, per = self.world_size, self.num_experts
-        routing, error = self._route(x, expert_ids, gate_weights, check_ids)
-        counts = routing.counts if routing is not None else \
-            torch.zeros(self.global_num_experts, dtype=torch.long, device=x.device)
+        world, per, n = self.world_size, self.num_experts, self.overlap_chunks
+        routings, error = self._route(x, expert_ids, gate_weights, check_ids)
+        counts = torch.stack([r.counts for r in routings]) if routings is not None else \
+            torch.zeros(n, self.global_num_experts, dtype=torch.long, device=x.device)
         keep = None
-        if self.capacity_factor is not None and routing is not None:
-            counts, keep = self._capacity(routing)
+        if self.capacity_factor is not None and routings is not None:  # one chunk
+            clipped, keep = self._capacity(routings[0])
+            counts = clipped.unsqueeze(0)
         mine = self._call_config(x, expert_ids, gate_weights, bool(error))
         config = torch.tensor(mine, dtype=torch.long, device=x.device)
-        # Row r goes to rank r: the counts of its experts, then this rank's call config.
-        send = torch.cat([counts.view(world, per), config.expand(world, -1)], 1)
+        # Row r goes to rank r: per chunk the counts of its experts, then this call's config.
+        send = torch.cat([counts.view(n, world, per).transpose(0, 1).reshape(world, n * per),
+                          config.expand(world, -1)], 1)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
         width = send.shape[1]
-        host = torch.cat([recv.view(-1), counts]).tolist()  # the one host sync of the call
+        host = torch.cat([recv.view(-1), counts.view(-1)]).tolist()  # the one host sync
         rows = [host[r * width:(r + 1) * width] for r in range(world)]
         sent_host = host[recv.numel():]
-        self._raise_on_mismatch(error, mine, [row[per:] for row in rows])
+        self._raise_on_mismatch(error, mine, [row[n * per:] for row in rows])
 
-        recv_counts = [row[:per] for row in rows]  # [src][local expert]
-        in_splits = [sum(sent_host[r * per:(r + 1) * per]) for r in range(world)]
-        out_splits = [sum(c) for c in recv_counts]
-        rows_sorted = _Dispatch.apply(x, routing)
-        gates_sorted = gate_weights.reshape(-1).index_select(0, routing.order)
+        e = self.global_num_experts
+        plans = []  # per chunk: what this rank sends and receives, received rows' experts
+        for c in range(n):
+            sent = sent_host[c * e:(c + 1) * e]
+            in_splits = [sum(sent[r * per:(r + 1) * per]) for r in range(world)]
+            out_splits = [sum(row[c * per:(c + 1) * per]) for row in rows]
+            # received rows come grouped by source rank, then by local expert
+            local_ids = torch.repeat_interleave(
+                torch.arange(per, device=x.device).repeat(world),
+                recv.view(world, width)[:, c * per:(c + 1) * per].reshape(-1),
+                output_size=sum(out_splits))
+            plans.append((in_splits, out_splits, local_ids))
         kept = None
-        if keep is not None:
-            kept = self._kept_rows(keep, sum(in_splits))
-            rows_sorted, gates_sorted = rows_sorted[kept], gates_sorted[kept]
-        x_recv, g_recv = _AllToAll.apply(self.group, out_splits, in_splits, rows_sorted,
-                                         gates_sorted)
-        # Received rows come grouped by source rank, then by local expert.
-        local_ids = torch.repeat_interleave(
-            torch.arange(per, device=x.device).repeat(world),
-            recv.view(world, width)[:, :per].reshape(-1), output_size=sum(out_splits))
-        y_recv = super().forward(x_recv, local_ids.unsqueeze(1), g_recv.unsqueeze(1))
-        (y,) = _AllToAll.apply(self.group, in_splits, out_splits, y_recv)
-        if kept is not None:  # dropped rows add nothing
-            y = y.new_zeros(routing.num_rows, y.shape[1]).index_copy(0, kept, y)
-        return _Combine.apply(y, routing)
+        sends = []
+        for (t0, t1), routing, (in_splits, _, _) in zip(self._chunks(x.shape[0]), routings,
+                                                         plans):
+            rows_sorted = _Dispatch.apply(x[t0:t1], routing)
+            gates_sorted = gate_weights[t0:t1].reshape(-1).index_select(0, routing.order)
+            if keep is not None:
+                kept = self._kept_rows(keep, sum(in_splits))
+                rows_sorted, gates_sorted = rows_sorted[kept], gates_sorted[kept]
+            sends.append((rows_sorted, gates_sorted))
+
+        def dispatch(c):
+            pending = _Pending()
+            return pending, _AsyncAllToAll.apply(self.group, plans[c][1], plans[c][0], pending,
+                                                 *sends[c])
+
+        # the exchange of chunk c + 1 is issued before chunk c's experts run, chunk c's
+        # return exchange right after them: every rank issues them in this same order
+        combines = []
+        issued = dispatch(0)
+        for c, (in_splits, out_splits, local_ids) in enumerate(plans):
+            pending, received = issued
+            if c + 1 < n:
+                issued = dispatch(c + 1)
+            x_recv, g_recv = _Wait.apply(pending, *received)
+            y_recv = super().forward(x_recv, local_ids.unsqueeze(1), g_recv.unsqueeze(1))
+            back = _Pending()
+            combines.append((back, _AsyncAllToAll.apply(self.group, in_splits, out_splits, back,
+                                                        y_recv)))
+        outs = []
+        for routing, (back, returned) in zip(routings, combines):
+            (y,) = _Wait.apply(back, *returned)
+            if kept is not None:  # dropped rows add nothing
+                y = y.new_zeros(routing.num_rows, y.shape[1]).index_copy(0, kept, y)
+            outs.append(_Combine.apply(y, routing))
+        return outs[0] if n == 1 else torch.cat(outs)
 
     def _capacity(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-expert counts clipped to the capacity, and which expert-sorted rows stay."""
