@@ -586,3 +586,13 @@ def test_qlora_bench_smoke(tmp_path):
     assert all(r["rel_diff_vs_loop"] < 1e-4 for r in rows)
     with pytest.raises(ValueError, match="bad variant"):
         main(["--smoke", "--out", str(out), "--variants", "chunked"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "bnb"])
+def test_dequantize_rejects_non_float_dtype(backend):
+    """The output dtype is checked before any backend runs, for whole stacks and ranges."""
+    t = quantize_nf4(_weights((2, 8, 16)))
+    with pytest.raises(ValueError, match="must be a float type"):
+        dequantize_nf4(t, torch.int32, backend)
+    with pytest.raises(ValueError, match="must be a float type"):
+        dequantize_nf4_experts(t, 0, 1, torch.int32, backend)

@@ -241,6 +241,13 @@ def _resolve_backend(device: torch.device, backend: Backend) -> str:
     return "torch"
 
 
+def _out_dtype(t: NF4Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    dtype = dtype or t.dtype
+    check(dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64),
+          lambda: f"dequantize_nf4: dtype must be a float type, got {dtype}")
+    return dtype
+
+
 def _nested(t: NF4Tensor):
     """The nested scales as the Triton kernel takes them, or ``None``."""
     return (t.absmax2, t.code2, t.offset, t.blocksize2) if t.nested else None
@@ -258,9 +265,7 @@ def dequantize_nf4(t: NF4Tensor, dtype: torch.dtype | None = None,
             else bitsandbytes on CUDA, else torch.
     Bit-exact with bitsandbytes' ``dequantize_4bit`` on every backend.
     """
-    dtype = dtype or t.dtype
-    check(dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64),
-          lambda: f"dequantize_nf4: dtype must be a float type, got {dtype}")
+    dtype = _out_dtype(t, dtype)
     backend = _resolve_backend(t.device, backend)
     if backend == "bnb":
         check(dtype != torch.float64, "dequantize_nf4: bitsandbytes has no float64 output")
@@ -282,7 +287,7 @@ def dequantize_nf4_experts(t: NF4Tensor, start: int, stop: int, dtype: torch.dty
     """
     check(len(t.shape) >= 1 and 0 <= start <= stop <= t.shape[0],
           lambda: f"dequantize_nf4_experts: bad range [{start}, {stop}) of {t.shape[0]} experts")
-    dtype = dtype or t.dtype
+    dtype = _out_dtype(t, dtype)
     per = t.numel // t.shape[0] if t.shape[0] else 0
     first, last = start * per, stop * per  # element range
     b0, b1 = first // t.blocksize, -(-last // t.blocksize)
