@@ -52,23 +52,19 @@ def host_and_wall_ms(fn: Callable[[], object], device: torch.device, calls: int 
 
 
 class HostProblem:
-    """One layer's experts at ``shape`` for ``tokens`` tokens: bf16 stacks and, on request,
-    their NF4 (double-quantized) copies; the router's ids and weights."""
+    """One layer's experts at ``shape`` for ``tokens`` tokens: the stacks, their NF4
+    (double-quantized) copies, and the router's ids and weights."""
 
-    def __init__(self, shape: Shape, tokens: int, device: torch.device, dtype: torch.dtype,
-                 nf4: bool = True):
+    def __init__(self, shape: Shape, tokens: int, device: torch.device, dtype: torch.dtype):
         from ..nn import GroupedExperts
+        from ..quant import QuantizedGroupedExperts
 
-        self.device, self.shape = device, shape
+        self.shape = shape
         h, i, e = shape.hidden, shape.intermediate, shape.experts
         self.experts = GroupedExperts(h, i, e, shape.activation, device=device, dtype=dtype)
-        self.quantized = None
-        if nf4:
-            from ..quant import QuantizedGroupedExperts
-
-            self.quantized = QuantizedGroupedExperts.from_dense(
-                self.experts.gate_up, self.experts.down, nested=True, dequant_chunk_bytes=None,
-                activation=shape.activation, compute_dtype=dtype).to(device)
+        self.quantized = QuantizedGroupedExperts.from_dense(
+            self.experts.gate_up, self.experts.down, nested=True, dequant_chunk_bytes=None,
+            activation=shape.activation, compute_dtype=dtype).to(device)
         self.x = torch.randn(tokens, h, device=device, dtype=dtype, requires_grad=True)
         logits = torch.randn(tokens, e, device=device)
         gates, self.ids = route(logits, shape.top_k, shape.router)
@@ -76,7 +72,7 @@ class HostProblem:
 
     def pieces(self) -> dict[str, Callable[[], object]]:
         """The calls to time, by name."""
-        x, ids, gates, experts = self.x, self.ids, self.gates, self.experts
+        x, ids, gates, experts, q = self.x, self.ids, self.gates, self.experts, self.quantized
         e = self.shape.experts
         routing = build_routing(ids, e, check_ids=False)
         xs = x.detach().index_select(0, routing.token_index)
@@ -91,7 +87,7 @@ class HostProblem:
                 module(x, ids, gates, check_ids=False).sum().backward()
             return run
 
-        out = {
+        return {
             "build_routing": lambda: build_routing(ids, e, check_ids=False),
             "index_select (gather rows)": lambda: x.detach().index_select(0,
                                                                            routing.token_index),
@@ -100,14 +96,10 @@ class HostProblem:
             "gather_sum (combine)": lambda: gather_sum(y, routing, x.dtype),
             "experts forward": lambda: experts(x, ids, gates, check_ids=False),
             "experts forward+backward": fwd_bwd(experts),
+            "NF4 dequantize (gate_up stack)": lambda: q.expert_weights("gate_up", 0, e),
+            "NF4 experts forward": lambda: q(x, ids, gates, check_ids=False),
+            "NF4 experts forward+backward": fwd_bwd(q),
         }
-        if self.quantized is not None:
-            q = self.quantized
-            out["NF4 dequantize (gate_up stack)"] = lambda: q.expert_weights(
-                "gate_up", 0, e)
-            out["NF4 experts forward"] = lambda: q(x, ids, gates, check_ids=False)
-            out["NF4 experts forward+backward"] = fwd_bwd(q)
-        return out
 
 
 def measure(shape: Shape, tokens: int, device: torch.device, dtype: torch.dtype,

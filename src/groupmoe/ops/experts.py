@@ -433,10 +433,10 @@ def expert_mlp(
     w1, _ = defer_stack(w1)
     w2, _ = defer_stack(w2)
     g = gate_weights.reshape(-1).index_select(0, routing.order)
-    out, _ = _expert_mlp_autograd(x, g, w1, w2, b_gate_up, b_down, routing.tensors(), routing.top_k,
-                            act.spec, save == "h",
-                            resolve_backend(backend, x, act, b_down is not None),
-                            input_grad is not False, weight_grad is not False)
+    out, _ = _expert_mlp_autograd(x, g, w1, w2, b_gate_up, b_down, routing.tensors(),
+                                  routing.top_k, act.spec, save == "h",
+                                  resolve_backend(backend, x, act, b_down is not None),
+                                  input_grad is not False, weight_grad is not False)
     return out
 
 

@@ -102,7 +102,7 @@ def differentiable(op, backward, setup_context):
         grads = _flatten(ctx.layout, backward(ctx, *grads))
         return (None, *(d if isinstance(d, torch.Tensor) else None for d in grads))
 
-    name = op._name.split("::")[-1]
+    name = op._name  # the name without the namespace
     fn = type(f"{name}_autograd", (torch.autograd.Function,),
               {"forward": staticmethod(forward), "backward": staticmethod(backward_flat)})
 

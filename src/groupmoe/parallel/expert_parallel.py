@@ -275,8 +275,8 @@ class ExpertParallel(GroupedExperts):
         bounds = [tokens * c // n for c in range(n + 1)]
         return list(zip(bounds[:-1], bounds[1:]))
 
-    def _route(self, x, expert_ids, gate_weights, check_ids: bool
-               ) -> tuple[list[Routing] | None, str]:
+    def _route(self, x, expert_ids, gate_weights, check_ids: bool,
+               chunks: list[tuple[int, int]]) -> tuple[list[Routing] | None, str]:
         """This rank's routing of each token chunk, or its input error: errors are raised on
         every rank after the count exchange, so that one rank's bad input never leaves the
         others waiting."""
@@ -301,7 +301,7 @@ class ExpertParallel(GroupedExperts):
                 return [build_routing(expert_ids, experts, check_ids=check_ids)], ""
             check_expert_ids(expert_ids, experts, "ExpertParallel", values=check_ids)
             return [build_routing(expert_ids[t0:t1], experts, check_ids=False)
-                    for t0, t1 in self._chunks(x.shape[0])], ""
+                    for t0, t1 in chunks], ""
         except ValueError as e:
             return None, str(e)
 
@@ -324,7 +324,8 @@ class ExpertParallel(GroupedExperts):
         by construction, as :meth:`GroupedExperts.forward <groupmoe.nn.GroupedExperts.forward>`.
         """
         world, per, n = self.world_size, self.num_experts, self.overlap_chunks
-        routings, error = self._route(x, expert_ids, gate_weights, check_ids)
+        chunks = self._chunks(x.shape[0])
+        routings, error = self._route(x, expert_ids, gate_weights, check_ids, chunks)
         counts = torch.stack([r.counts for r in routings]) if routings is not None else \
             torch.zeros(n, self.global_num_experts, dtype=torch.long, device=x.device)
         keep = None
@@ -358,8 +359,7 @@ class ExpertParallel(GroupedExperts):
             plans.append((in_splits, out_splits, local_ids))
         kept = None
         sends = []
-        for (t0, t1), routing, (in_splits, _, _) in zip(self._chunks(x.shape[0]), routings,
-                                                         plans):
+        for (t0, t1), routing, (in_splits, _, _) in zip(chunks, routings, plans):
             rows_sorted = _Dispatch.apply(x[t0:t1], routing)
             gates_sorted = gate_weights[t0:t1].reshape(-1).index_select(0, routing.order)
             if keep is not None:
