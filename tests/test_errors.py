@@ -4,7 +4,15 @@ import pytest
 import torch
 
 from groupmoe import MoEBlock
-from groupmoe.ops import build_routing, expert_mlp, grouped_mm, route, set_validation
+from groupmoe.ops import (
+    build_routing,
+    checks,
+    expert_mlp,
+    flush_checks,
+    grouped_mm,
+    route,
+    set_validation,
+)
 from moe_cases import make_case, spy_check_ids
 
 
@@ -83,6 +91,58 @@ def test_validation_switch_skips_data_checks():
         route(logits, 2)
     finally:
         set_validation(True)
+
+
+class _Event:
+    """Stands in for a CUDA event: finished or not, and whether someone waited on it."""
+
+    def __init__(self, finished: bool):
+        self.finished, self.waited = finished, False
+
+    def query(self) -> bool:
+        return self.finished
+
+    def synchronize(self) -> None:
+        self.waited = self.finished = True
+
+
+def _pending(logits, where, finished):
+    peak = logits.abs().max() if logits.isfinite().all() else torch.tensor(float("nan"))
+    return checks._PendingCheck(logits, where, peak, _Event(finished))
+
+
+def test_deferred_logits_check_raises_at_a_later_check_or_flush(monkeypatch):
+    """The CUDA path's bookkeeping, on CPU: a finished failed check raises (late, naming its
+    layer and token) at the next look; an unfinished one waits for flush_checks; finished
+    good checks are dropped; a failure drops the checks queued after it."""
+    monkeypatch.setattr(checks, "_PENDING", checks.deque())
+    good, bad = torch.randn(5, 4), torch.randn(5, 4)
+    bad[2, 1] = float("inf")
+    checks._PENDING.extend([_pending(good, "layer 0 router", True),
+                            _pending(bad, "layer 1 router", False),
+                            _pending(bad, "layer 2 router", True)])
+    checks._resolve_pending(wait=False)  # layer 0 passed; layer 1 is still running
+    assert [p.where for p in checks._PENDING] == ["layer 1 router", "layer 2 router"]
+    with pytest.raises(FloatingPointError, match=r"layer 1 router.*token 2, expert 1.*after"):
+        flush_checks()
+    assert not checks._PENDING
+    checks._PENDING.append(_pending(good, "layer 3 router", False))
+    flush_checks()  # waits, passes
+    assert not checks._PENDING
+
+
+def test_validation_modes():
+    logits = torch.randn(6, 4)
+    logits[1, 3] = float("nan")
+    for mode in (True, "sync"):  # on CPU both raise inside the call
+        set_validation(mode)
+        try:
+            with pytest.raises(FloatingPointError, match="token 1, expert 3"):
+                route(logits, 2)
+        finally:
+            set_validation(True)
+    with pytest.raises(ValueError, match="True, False or 'sync'"):
+        set_validation("later")
 
 
 def test_shape_mismatches():

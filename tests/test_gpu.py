@@ -100,3 +100,27 @@ def test_save_none_matches_save_h_on_cuda():
     assert torch.equal(out.detach(), out_h)
     for a, b in zip([t.grad for t in leaves], g_h):
         assert torch.equal(a, b)  # recompute is bit-identical
+
+
+def test_logits_check_costs_no_sync_and_raises_late():
+    """Validation on (the default): the NaN/Inf check of router logits runs on the device and
+    reads its result back without a host sync; the failure surfaces at flush_checks naming the
+    layer and token. GROUPMOE_VALIDATE=sync raises inside the call."""
+    from groupmoe.ops import flush_checks, set_validation
+
+    logits = torch.randn(64, 16, device="cuda")
+    logits[5, 7] = float("nan")
+    flush_checks()
+    torch.cuda.set_sync_debug_mode("error")  # any synchronising call raises
+    try:
+        route(logits, 2, where="layer 4 router")
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    with pytest.raises(FloatingPointError, match="layer 4 router.*token 5, expert 7.*after"):
+        flush_checks()
+    set_validation("sync")
+    try:
+        with pytest.raises(FloatingPointError, match=r"token 5, expert 7\); check"):
+            route(logits, 2)
+    finally:
+        set_validation(True)

@@ -2,7 +2,7 @@
 
 from . import nn, ops
 from .nn import GroupedExperts, MoEBlock, TopKRouter
-from .ops import build_routing, expert_mlp, route, set_validation
+from .ops import build_routing, expert_mlp, flush_checks, route, set_validation
 
 
 def patch(model):
@@ -36,6 +36,7 @@ def quantize_experts(model, **options):
 __version__ = "0.1.0"
 
 __all__ = [
-    "GroupedExperts", "MoEBlock", "TopKRouter", "build_routing", "expert_mlp", "nn", "ops",
+    "GroupedExperts", "MoEBlock", "TopKRouter", "build_routing", "expert_mlp", "flush_checks",
+    "nn", "ops",
     "patch", "patched", "quantize_experts", "route", "set_validation", "unpatch", "__version__",
 ]

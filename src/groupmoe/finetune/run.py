@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..ops.checkpoint import checkpoint_context
-from ..ops.checks import check
+from ..ops.checks import check, flush_checks
 from .configs import model_spec
 from .data import TokenWindows, train_tokenizer
 from .loss import chunked_loss_reason, use_chunked_loss
@@ -179,6 +179,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 profiler.step_begin(state.global_step + 1)
 
         def on_step_end(self, args, state, control, **kw):
+            flush_checks()  # a NaN in a router surfaces in the step that produced it
             if profiler is not None:
                 profiler.step_end(state.global_step)
                 if profiler.report is not None:

@@ -11,7 +11,7 @@ from .activations import (
 )
 from .backend import get_backend, set_backend
 from .checkpoint import checkpoint_context
-from .checks import checked_ids, set_validation, validation_enabled
+from .checks import checked_ids, flush_checks, set_validation, validation_enabled
 from .experts import bias_prob_grads, expert_mlp, expert_mlp_naive, gather_sum
 from .grouped_gemm import grouped_mm, grouped_mm_wgrad, native_available, segment_sum
 from .grouped_linear import grouped_linear
@@ -22,7 +22,8 @@ from .routing import Routing, build_routing, combine, scatter_for_grouped_gemm
 __all__ = [
     "ACTIVATIONS", "Activation", "GptOssGLU", "Routing", "SwiGLU", "activation_from_spec",
     "bias_prob_grads", "build_routing", "checked_ids", "checkpoint_context", "combine",
-    "expert_mlp", "expert_mlp_naive", "expert_mlp_reference", "gated_act", "gather_sum",
+    "expert_mlp", "expert_mlp_naive", "expert_mlp_reference", "flush_checks", "gated_act",
+    "gather_sum",
     "get_activation", "get_backend", "grouped_linear", "grouped_mm", "grouped_mm_wgrad",
     "native_available", "route", "scatter_for_grouped_gemm", "segment_sum", "set_backend",
     "set_validation", "validation_enabled",

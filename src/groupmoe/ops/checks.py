@@ -2,31 +2,52 @@
 
 from __future__ import annotations
 
+import math
 import os
+import warnings
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from .library import custom_op, in_backward
 
-_VALIDATE = os.environ.get("GROUPMOE_VALIDATE", "1") not in ("0", "false", "False")
+Validation = bool | Literal["sync"]
 
 
-def set_validation(enabled: bool) -> None:
-    """Turn the data-dependent checks (NaN logits, out-of-range expert ids) on or off.
+def _mode_from_env(value: str) -> Validation:
+    if value in ("0", "false", "False"):
+        return False
+    return "sync" if value == "sync" else True
 
-    Shape, dtype and device checks are always on; the data checks read one scalar back from
-    the device per layer, so throughput-critical runs that already trust their inputs may
-    switch them off (also via ``GROUPMOE_VALIDATE=0``).
+
+_VALIDATE: Validation = _mode_from_env(os.environ.get("GROUPMOE_VALIDATE", "1"))
+
+
+def set_validation(enabled: Validation) -> None:
+    """Turn the data-dependent checks (NaN/Inf router logits, out-of-range expert ids) on or
+    off, or make them wait for the device.
+
+    Shape, dtype and device checks are always on. ``True`` (default): on CUDA the logits check
+    runs on the device and its result is read back without waiting, so it costs no host sync;
+    a failure raises ``FloatingPointError`` at a later check (usually the next layer's) or at
+    :func:`flush_checks`, naming the layer and token as before. On CPU it raises at once.
+    ``"sync"``: every check waits for its result and raises in the layer that failed (one
+    device sync per layer). ``False``: no data checks. Also ``GROUPMOE_VALIDATE=0|1|sync``.
+    The range check of caller-given expert ids always waits (a bad id would fault the
+    kernels that follow).
     """
     global _VALIDATE
-    _VALIDATE = bool(enabled)
+    if enabled not in (True, False, "sync"):
+        raise ValueError(f"set_validation: expected True, False or 'sync', got {enabled!r}")
+    _VALIDATE = enabled
 
 
 def validation_enabled() -> bool:
-    """Whether the data-dependent checks (one device read per layer) run; see
-    :func:`set_validation`."""
-    return _VALIDATE
+    """Whether the data-dependent checks run; see :func:`set_validation`."""
+    return bool(_VALIDATE)
 
 
 def check(cond: bool, msg: str | Callable[[], str]) -> None:
@@ -81,7 +102,7 @@ def check_id_values(expert_ids: torch.Tensor, num_experts: int, where: str) -> N
             )
 
 
-def _raise_if_not_finite(logits: torch.Tensor, where: str) -> None:
+def _raise_if_not_finite(logits: torch.Tensor, where: str, late: bool = False) -> None:
     bad = ~torch.isfinite(logits)
     if logits.numel() and bool(bad.any()):  # one device sync
         idx = bad.nonzero()
@@ -90,13 +111,96 @@ def _raise_if_not_finite(logits: torch.Tensor, where: str) -> None:
             f"{where}: router logits hold NaN/Inf in {tokens.numel()} of {logits.shape[0]} "
             f"tokens (first at token {int(idx[0, 0])}, expert {int(idx[0, 1])}); "
             "check the layer's input for overflow"
+            + ("; found after the layer ran, as the check reads its result back without "
+               "waiting (GROUPMOE_VALIDATE=sync raises inside the layer)" if late else "")
         )
+
+
+@dataclass
+class _PendingCheck:
+    """A logits check running on the device: ``peak`` (a slot of pinned host memory) receives
+    the largest ``|logit|``, NaN or Inf when one is not finite, once ``done`` has passed."""
+
+    logits: torch.Tensor  # kept to name the first bad token if the check fails
+    where: str
+    peak: torch.Tensor
+    done: torch.cuda.Event
+
+
+@dataclass
+class _Slots:
+    """Per device: pinned host slots and events for the checks in flight, reused in turn (no
+    pinned allocation or event creation per check)."""
+
+    peaks: torch.Tensor
+    events: list
+    next: int = 0
+
+
+_SLOTS_PER_DEVICE = 1024
+_PENDING: deque[_PendingCheck] = deque()
+_SLOTS: dict[torch.device, _Slots] = {}
+_WARNED_CAPTURE = False
+
+
+def _defer_finite_check(logits: torch.Tensor, where: str) -> None:
+    global _WARNED_CAPTURE
+    if torch.cuda.is_current_stream_capturing():  # no host read-back inside a CUDA graph
+        if not _WARNED_CAPTURE:
+            warnings.warn("groupmoe: the NaN/Inf check of router logits is skipped while a "
+                          "CUDA graph is captured", stacklevel=4)
+            _WARNED_CAPTURE = True
+        return
+    _resolve_pending(wait=len(_PENDING) >= _SLOTS_PER_DEVICE)  # frees the slot taken next
+    slots = _SLOTS.get(logits.device)
+    if slots is None:
+        slots = _SLOTS[logits.device] = _Slots(
+            torch.empty(_SLOTS_PER_DEVICE, pin_memory=True),
+            [torch.cuda.Event() for _ in range(_SLOTS_PER_DEVICE)])
+    i, slots.next = slots.next, (slots.next + 1) % _SLOTS_PER_DEVICE
+    # one reduction kernel: max |x| is NaN or Inf exactly when some logit is not finite
+    peak = slots.peaks[i]
+    peak.copy_(torch.linalg.vector_norm(logits, ord=math.inf, dtype=torch.float32),
+               non_blocking=True)
+    done = slots.events[i]
+    done.record(torch.cuda.current_stream(logits.device))
+    _PENDING.append(_PendingCheck(logits, where, peak, done))
+
+
+def _resolve_pending(wait: bool) -> None:
+    """Raise for the first finished check that failed; ``wait`` for the unfinished ones."""
+    while _PENDING:
+        check_ = _PENDING[0]
+        if wait:
+            check_.done.synchronize()
+        elif not check_.done.query():
+            return
+        _PENDING.popleft()
+        if not math.isfinite(float(check_.peak)):
+            _PENDING.clear()  # later layers saw the NaN that this one produced
+            _raise_if_not_finite(check_.logits, check_.where, late=True)
+
+
+def flush_checks() -> None:
+    """Wait for the data checks still running on the device and raise the first that failed
+    (``FloatingPointError`` naming the layer and token). Checks finish on their own at later
+    checks; call this where a failure must surface, e.g. at the end of a training step."""
+    _resolve_pending(wait=True)
+
+
+def _check_finite(logits: torch.Tensor, where: str) -> None:
+    if in_backward():  # a recomputed forward was checked already
+        return
+    if logits.is_cuda and _VALIDATE is True and logits.numel():
+        _resolve_pending(wait=False)
+        _defer_finite_check(logits, where)
+    else:
+        _raise_if_not_finite(logits, where)
 
 
 @custom_op("check_finite_logits")
 def _finite_ids_op(logits: torch.Tensor, expert_ids: torch.Tensor, where: str) -> torch.Tensor:
-    if not in_backward():  # a recomputed forward was checked already
-        _raise_if_not_finite(logits, where)
+    _check_finite(logits, where)
     return expert_ids.clone()  # an output the routing consumes keeps the check in the graph
 
 
@@ -107,12 +211,16 @@ def _(logits, expert_ids, where):
 
 def checked_ids(logits: torch.Tensor, expert_ids: torch.Tensor, where: str = "router"
                 ) -> torch.Tensor:
-    """``expert_ids`` once ``logits`` are known finite; raises with the first offending token
-    when they hold NaN or Inf. With validation off, ``expert_ids`` unchanged and no check.
+    """``expert_ids`` once ``logits`` are checked finite; raises with the first offending token
+    when they hold NaN or Inf (on CUDA by default at a later check or :func:`flush_checks`,
+    see :func:`set_validation`). With validation off, ``expert_ids`` unchanged and no check.
 
-    The check is a custom op that passes the ids through, so it stays in a compiled graph and
-    raises the same error there; activation checkpointing's recompute does not repeat it.
+    Compiled, the check is a custom op that passes the ids through, so it stays in the graph
+    and raises the same error there; activation checkpointing's recompute does not repeat it.
     """
     if not _VALIDATE:
         return expert_ids
-    return _finite_ids_op(logits.detach(), expert_ids, where)
+    if torch.compiler.is_compiling():
+        return _finite_ids_op(logits.detach(), expert_ids, where)
+    _check_finite(logits.detach(), where)  # eager: no custom-op dispatch (host time)
+    return expert_ids
