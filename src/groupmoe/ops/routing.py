@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .backend import use_triton
 from .checks import check, check_expert_ids, check_id_values, check_same_device, validation_enabled
 from .dtypes import to_accum
 from .library import custom_op, in_backward
@@ -55,6 +56,11 @@ def _build_routing_op(expert_ids: torch.Tensor, num_experts: int, check_values: 
                                  torch.Tensor, torch.Tensor]:
     if check_values and not in_backward():  # a recomputed forward was checked already
         check_id_values(expert_ids, num_experts, "routing")
+    if use_triton(expert_ids):
+        from ..kernels.routing import MAX_EXPERTS, routing_metadata
+
+        if num_experts <= MAX_EXPERTS:  # the same tensors, bit for bit, in three launches
+            return routing_metadata(expert_ids, num_experts)
     top_k = expert_ids.shape[1]
     flat = expert_ids.reshape(-1).long()
     # a radix sort's passes follow the key's width: int16 keys take a quarter of int64's
