@@ -78,7 +78,7 @@ def make_case(t=37, h=24, i=20, e=6, k=2, dtype=torch.float64, bias=False,
     return Case(x, ids.to(device), gates, w1, w2, b1, b2, activation)
 
 
-def run(case: Case, impl: str, save="h", upstream=None):
+def run(case: Case, impl: str, save="h", upstream=None, precision="default"):
     """Forward + backward of one implementation; returns (out, {name: grad})."""
     for leaf in case.leaves():
         leaf.grad = None
@@ -90,7 +90,8 @@ def run(case: Case, impl: str, save="h", upstream=None):
         if impl == "naive":
             out = expert_mlp_naive(case.x, routing, case.gates, *args)
         else:
-            out = expert_mlp(case.x, routing, case.gates, *args, save=save)
+            out = expert_mlp(case.x, routing, case.gates, *args, save=save,
+                             precision=precision)
     if upstream is None:
         upstream = torch.randn_like(out)
     out.backward(upstream)

@@ -8,7 +8,7 @@ from torch import nn
 
 from ..ops.activations import Activation
 from ..ops.checks import check
-from ..ops.experts import SaveMode
+from ..ops.experts import Precision, SaveMode
 from ..ops.router import RouterKind
 from ..ops.wgrad import linear
 from .experts import GroupedExperts, Impl
@@ -38,7 +38,9 @@ class MoEBlock(nn.Module):
     """Router, stacked experts and an optional shared expert; returns ``(out, router_logits)``.
 
     ``out`` has ``x``'s shape ``[..., H]``; ``router_logits`` is ``[tokens, E]`` for an
-    auxiliary load-balancing loss.
+    auxiliary load-balancing loss. The router and expert arguments are those of
+    :class:`TopKRouter` and :class:`GroupedExperts` (``precision="fp8"``: the experts' forward
+    and dX GEMMs in e4m3).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int,
@@ -48,13 +50,14 @@ class MoEBlock(nn.Module):
                  expert_bias: bool = False, shared_intermediate_size: int | None = None,
                  impl: Impl = "groupmoe", save: SaveMode | None = None,
                  input_grad: bool | None = None, weight_grad: bool | None = None,
-                 device=None, dtype=None):
+                 precision: Precision = "default", device=None, dtype=None):
         super().__init__()
         f = {"device": device, "dtype": dtype}
         self.router = TopKRouter(hidden_size, num_experts, top_k, router, normalize,
                                  router_bias, jitter).to(**f)
         self.experts = GroupedExperts(hidden_size, intermediate_size, num_experts, activation,
-                                      expert_bias, impl, save, input_grad, weight_grad, **f)
+                                      expert_bias, impl, save, input_grad, weight_grad,
+                                      precision, **f)
         self.shared_expert = SharedExpert(hidden_size, shared_intermediate_size, **f) \
             if shared_intermediate_size else None
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from ..ops.activations import Activation, get_activation
 from ..ops.checks import check, check_expert_ids
-from ..ops.experts import SaveMode, expert_mlp, expert_mlp_naive
+from ..ops.experts import PRECISIONS, Precision, SaveMode, expert_mlp, expert_mlp_naive
 from ..ops.reference import expert_mlp_reference
 from ..ops.routing import build_routing
 
@@ -34,15 +34,23 @@ class GroupedExperts(nn.Module):
         input_grad, weight_grad: ``False`` skips the input / expert parameter gradients even
             where they require grad; ``None`` follows ``requires_grad`` (see
             :func:`~groupmoe.ops.expert_mlp`). Every impl honours them.
+        precision: ``"fp8"`` runs the groupmoe impl's forward and dX GEMMs in e4m3 (see
+            :func:`~groupmoe.ops.expert_mlp`); the parameters stay in ``dtype``.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
                  activation: str | Activation = "swiglu", bias: bool = False,
                  impl: Impl = "groupmoe",
                  save: SaveMode | None = None, input_grad: bool | None = None,
-                 weight_grad: bool | None = None, device=None, dtype=None):
+                 weight_grad: bool | None = None, precision: Precision = "default",
+                 device=None, dtype=None):
         super().__init__()
         check(impl in IMPLS, f"GroupedExperts: impl must be one of {IMPLS}, got {impl!r}")
+        check(precision in PRECISIONS,
+              f"GroupedExperts: precision must be one of {PRECISIONS}, got {precision!r}")
+        check(precision == "default" or impl == "groupmoe",
+              f"GroupedExperts: precision={precision!r} needs impl='groupmoe', got {impl!r}")
+        self.precision = precision
         factory = {"device": device, "dtype": dtype}
         self.num_experts = num_experts
         self.activation = get_activation(activation)
@@ -85,4 +93,5 @@ class GroupedExperts(nn.Module):
         if self.impl == "naive":
             return expert_mlp_naive(x, routing, gate_weights, *args)
         return expert_mlp(x, routing, gate_weights, *args, save=self.save,
-                          input_grad=self.input_grad, weight_grad=self.weight_grad)
+                          input_grad=self.input_grad, weight_grad=self.weight_grad,
+                          precision=self.precision)

@@ -30,6 +30,7 @@ from .activations import (
 from .backend import Backend, resolve_backend, use_triton
 from .checks import check, check_same_device, check_same_dtype
 from .dtypes import accum_dtype, to_accum
+from .fp8 import fp8_grouped_mm
 from .grouped_gemm import grouped_mm, grouped_wgrad_in_layout, segment_sum, wgrad_like
 from .grouped_linear import grouped_linear
 from .library import absent, custom_op, differentiable, needs_input_grad, release_saved
@@ -39,6 +40,8 @@ from .wgrad import defer_stack, deferred_of, stack_weight_grad
 
 SaveMode = Literal["h", "none"]
 SAVE_MODES = ("h", "none")
+Precision = Literal["default", "fp8"]
+PRECISIONS = ("default", "fp8")
 DEFAULT_SAVE = os.environ.get("GROUPMOE_SAVE", "h")
 Tensor = torch.Tensor
 
@@ -163,23 +166,30 @@ def bias_prob_grads_rows(
     return dbias, dprob
 
 
-def _gate_up(xs: Tensor, w1: Tensor, b1: Tensor | None, routing: Routing) -> Tensor:
-    h = grouped_mm(xs, w1, routing.offsets)
+def _mm(a: Tensor, w: Tensor, offsets: Tensor, fp8: bool) -> Tensor:
+    """A forward or dX grouped GEMM, in FP8 (rowwise scales, :mod:`groupmoe.ops.fp8`) when
+    asked; weight gradients stay in the input precision."""
+    return fp8_grouped_mm(a, w, offsets, a.dtype) if fp8 else grouped_mm(a, w, offsets)
+
+
+def _gate_up(xs: Tensor, w1: Tensor, b1: Tensor | None, routing: Routing, fp8: bool = False
+             ) -> Tensor:
+    h = _mm(xs, w1, routing.offsets, fp8)
     if b1 is not None:
         h += b1.index_select(0, routing.expert_index)
     return h
 
 
 def _forward(x, g, w1, w2, b1, b2, routing: Routing, act: Activation, save_h: bool,
-             backend: str) -> tuple[Tensor | None, Tensor]:
+             backend: str, fp8: bool) -> tuple[Tensor | None, Tensor]:
     """``(h or None, out)``: the expert MLP's forward on ``g`` in expert-sorted order."""
     if backend in ("triton", "triton-forward"):  # fused gather + grouped GEMM kernels
         from ..kernels.experts import expert_forward
 
         return expert_forward(x, g, w1, w2, b1, b2, routing, act, store_h=save_h)
-    h = _gate_up(x.index_select(0, routing.token_index), w1, b1, routing)
+    h = _gate_up(x.index_select(0, routing.token_index), w1, b1, routing, fp8)
     a_scaled = scaled_forward(act, h, g)
-    y = grouped_mm(a_scaled, w2, routing.offsets)
+    y = _mm(a_scaled, w2, routing.offsets, fp8)
     del a_scaled
     if b2 is not None:
         y += g.to(y.dtype).unsqueeze(1) * b2.index_select(0, routing.expert_index)
@@ -189,17 +199,18 @@ def _forward(x, g, w1, w2, b1, b2, routing: Routing, act: Activation, save_h: bo
 @custom_op("expert_mlp")
 def _expert_mlp_op(x: Tensor, g: Tensor, w1: Sequence[Tensor], w2: Sequence[Tensor],
                    b1: Tensor | None, b2: Tensor | None, routing: Sequence[Tensor], top_k: int,
-                   act: str, save_h: bool, backend: str, input_grad: bool, weight_grad: bool
-                   ) -> tuple[Tensor, Tensor]:
+                   act: str, save_h: bool, backend: str, input_grad: bool, weight_grad: bool,
+                   fp8: bool) -> tuple[Tensor, Tensor]:
     r = Routing.from_tensors(routing, top_k)
     e = r.num_experts
     h, out = _forward(x, g, assemble(w1, e), assemble(w2, e), b1, b2, r,
-                      activation_from_spec(act), save_h, backend)
+                      activation_from_spec(act), save_h, backend, fp8)
     return out, h if save_h else absent(x)
 
 
 @_expert_mlp_op.register_fake
-def _(x, g, w1, w2, b1, b2, routing, top_k, act, save_h, backend, input_grad, weight_grad):
+def _(x, g, w1, w2, b1, b2, routing, top_k, act, save_h, backend, input_grad, weight_grad,
+      fp8):
     two_i = stack_shape(w1, routing[-1].numel(), "experts")[2]
     return x.new_empty(x.shape), x.new_empty(routing[0].numel(), two_i) if save_h else absent(x)
 
@@ -228,7 +239,8 @@ def _down_backward_op(dout: Tensor, x: Tensor, h: Tensor | None, g: Tensor,
                       w1: Sequence[Tensor], b1: Tensor | None, w2: Sequence[Tensor],
                       b2: Tensor | None, routing: Sequence[Tensor], top_k: int, act: str,
                       fused: bool, dw2_mode: int, need_dg: bool, need_db2: bool,
-                      transposed: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                      transposed: bool, fp8: bool
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The down projection's backward from the ``[T, H]`` output gradient: ``(dh, dg, dW2,
     db2, g * act(h), dy)``. ``h`` is rebuilt from ``x``, ``w1``, ``b1`` when not saved. The
     last two are returned only for a WeightGradStore (``dw2_mode`` defer; ``dy`` are the
@@ -244,7 +256,7 @@ def _down_backward_op(dout: Tensor, x: Tensor, h: Tensor | None, g: Tensor,
 
             h = gate_up(x, w_up, b1, r)
         else:
-            h = _gate_up(x.index_select(0, r.token_index), w_up, b1, r)
+            h = _gate_up(x.index_select(0, r.token_index), w_up, b1, r, fp8)
     want_a = dw2_mode != WGRAD_SKIP
     if fused:
         from ..kernels.experts import down_backward
@@ -253,7 +265,7 @@ def _down_backward_op(dout: Tensor, x: Tensor, h: Tensor | None, g: Tensor,
         dh, a_scaled, dg = down_backward(dout, h, g, w, r, activation, want_a, need_dg)
     else:
         dy, dy_rows = dout.index_select(0, r.token_index), None
-        da_scaled = grouped_mm(dy, w.transpose(-1, -2), r.offsets)
+        da_scaled = _mm(dy, w.transpose(-1, -2), r.offsets, fp8)
         dh, a_scaled, dg = scaled_backward(activation, h, g, da_scaled, want_a, need_dg)
         del da_scaled
     del h
@@ -272,7 +284,7 @@ def _down_backward_op(dout: Tensor, x: Tensor, h: Tensor | None, g: Tensor,
 
 @_down_backward_op.register_fake
 def _(dout, x, h, g, w1, b1, w2, b2, routing, top_k, act, fused, dw2_mode, need_dg, need_db2,
-      transposed):
+      transposed, fp8):
     e, inter, hidden = stack_shape(w2, routing[-1].numel(), "experts")
     n = routing[0].numel()
     keep = dw2_mode == WGRAD_DEFER
@@ -288,7 +300,8 @@ def _(dout, x, h, g, w1, b1, w2, b2, routing, top_k, act, fused, dw2_mode, need_
 @custom_op("expert_gate_up_backward")
 def _gate_up_backward_op(dh: Tensor, x: Tensor, w1: Sequence[Tensor], routing: Sequence[Tensor],
                          top_k: int, fused: bool, need_dx: bool, need_dw1: bool,
-                         need_db1: bool, transposed: bool) -> tuple[Tensor, Tensor, Tensor]:
+                         need_db1: bool, transposed: bool, fp8: bool
+                         ) -> tuple[Tensor, Tensor, Tensor]:
     """The gate_up projection's backward from ``dh``: ``(dx [T, H], dW1, db1)`` (``dx`` the
     k rows of each token summed in fp32, cast once)."""
     r = Routing.from_tensors(routing, top_k)
@@ -304,12 +317,12 @@ def _gate_up_backward_op(dh: Tensor, x: Tensor, w1: Sequence[Tensor], routing: S
 
             dx = sum_slots(input_grad_rows(dh, w, r), r, x.dtype)
         else:
-            dx = _gather_sum(grouped_mm(dh, w.transpose(-1, -2), r.offsets), r, x.dtype)
+            dx = _gather_sum(_mm(dh, w.transpose(-1, -2), r.offsets, fp8), r, x.dtype)
     return dx, dw1, db1
 
 
 @_gate_up_backward_op.register_fake
-def _(dh, x, w1, routing, top_k, fused, need_dx, need_dw1, need_db1, transposed):
+def _(dh, x, w1, routing, top_k, fused, need_dx, need_dw1, need_db1, transposed, fp8):
     e, hidden, two_i = stack_shape(w1, routing[-1].numel(), "experts")
     return (x.new_empty(x.shape) if need_dx else absent(x),
             wgrad_like(x, e, hidden, two_i, transposed) if need_dw1 else absent(x),
@@ -317,8 +330,9 @@ def _(dh, x, w1, routing, top_k, fused, need_dx, need_dw1, need_db1, transposed)
 
 
 def _expert_mlp_setup(ctx, inputs, output):
-    x, g, w1, w2, b1, b2, routing, top_k, act, save_h, backend, input_grad, weight_grad = inputs
-    ctx.top_k, ctx.act, ctx.fused = top_k, act, backend == "triton"
+    (x, g, w1, w2, b1, b2, routing, top_k, act, save_h, backend, input_grad, weight_grad,
+     fp8) = inputs
+    ctx.top_k, ctx.act, ctx.fused, ctx.fp8 = top_k, act, backend == "triton", fp8
     ctx.input_grad, ctx.weight_grad = input_grad, weight_grad
     ctx.n1 = len(w1)
     ctx.transposed = (is_transposed(w1), is_transposed(w2))
@@ -346,7 +360,7 @@ def _expert_mlp_backward(ctx, dout, _):
     dw2_mode = _mode(need_w2, defer_w2)
     dh, dg, dw2, db2, a_scaled, dy = _down_backward_op(
         dout, x, h, g, w1, b1, w2, b2, routing, top_k, ctx.act, fused, dw2_mode, need_g,
-        need_b2, t2)
+        need_b2, t2, ctx.fp8)
     if h is not None:
         release_saved(h)
     del h
@@ -357,7 +371,7 @@ def _expert_mlp_backward(ctx, dout, _):
     del a_scaled, dy
     dw1_mode = _mode(need_w1, defer_w1)
     dx, dw1, db1 = _gate_up_backward_op(dh, x, w1, routing, top_k, fused, need_x,
-                                        dw1_mode == WGRAD_NOW, need_b1, t1)
+                                        dw1_mode == WGRAD_NOW, need_b1, t1, ctx.fp8)
     if dw1_mode == WGRAD_DEFER:
         stack_weight_grad(defer_w1, True, w1, _wgrad, x, r.token_index, dh, None, r.offsets,
                           t1, fused)
@@ -365,7 +379,7 @@ def _expert_mlp_backward(ctx, dout, _):
             _masked(split_grad(dw1, w1) if dw1_mode == WGRAD_NOW else None, needs_w1),
             _masked(split_grad(dw2, w2) if dw2_mode == WGRAD_NOW else None, needs_w2),
             db1 if need_b1 else None, db2 if need_b2 else None, [None] * len(routing),
-            None, None, None, None, None, None)
+            None, None, None, None, None, None, None)
 
 
 def _masked(grads: list | None, needs: list[bool]) -> list:
@@ -391,6 +405,7 @@ def expert_mlp(
     input_grad: bool | None = None,
     weight_grad: bool | None = None,
     backend: Backend | None = None,
+    precision: Precision = "default",
 ) -> Tensor:
     """Routed expert MLP of ``x [T, H]``, summed over each token's ``top_k`` experts.
 
@@ -421,22 +436,33 @@ def expert_mlp(
             kernels, ``"torch"`` on torch's grouped_mm, ``"auto"`` picks per call (see
             :mod:`groupmoe.ops.backend`); ``None`` takes the process default
             (:func:`~groupmoe.ops.backend.set_backend`, ``GROUPMOE_BACKEND``).
+        precision: ``"fp8"`` runs the four forward and dX grouped GEMMs with e4m3 operands
+            (rowwise power-of-two scales, fp32 accumulation; :mod:`groupmoe.ops.fp8`): on
+            Hopper/Blackwell through ``torch._scaled_grouped_mm``, emulated on CPU, an error
+            elsewhere. Weight gradients, the activation, the router weight and the combine
+            stay in the input precision; ``h`` is kept as usual. Takes the torch backend.
     Returns:
         ``[T, H]`` in ``x``'s dtype, accumulated over the k slots in fp32.
     """
     save = DEFAULT_SAVE if save is None else save
     check(save in SAVE_MODES, f"expert_mlp: save must be 'h' or 'none' (argument or "
           f"GROUPMOE_SAVE), got {save!r}")
+    check(precision in PRECISIONS,
+          f"expert_mlp: precision must be one of {PRECISIONS}, got {precision!r}")
+    fp8 = precision == "fp8"
+    check(not (fp8 and backend == "triton"),
+          "expert_mlp: backend='triton' has no FP8 kernels; use precision='fp8' with the "
+          "torch or auto backend")
     w1, w2 = as_list(w_gate_up), as_list(w_down)
     act = get_activation(activation)
     check_expert_args(x, routing, gate_weights, w1, w2, b_gate_up, b_down, act)
     w1, _ = defer_stack(w1)
     w2, _ = defer_stack(w2)
     g = gate_weights.reshape(-1).index_select(0, routing.order)
+    resolved = "torch" if fp8 else resolve_backend(backend, x, act, b_down is not None)
     out, _ = _expert_mlp_autograd(x, g, w1, w2, b_gate_up, b_down, routing.tensors(),
-                                  routing.top_k, act.spec, save == "h",
-                                  resolve_backend(backend, x, act, b_down is not None),
-                                  input_grad is not False, weight_grad is not False)
+                                  routing.top_k, act.spec, save == "h", resolved,
+                                  input_grad is not False, weight_grad is not False, fp8)
     return out
 
 
