@@ -18,15 +18,21 @@ MAX_EXPERTS = 1024
 
 @triton.jit
 def _load_scores(logits_ptr, rows, cols, T, E, stride, SOFTMAX_FIRST: tl.constexpr):
-    """The block's logits in fp32 and the scores the top-k picks from (probabilities, or the
-    logits themselves); padding lanes score -inf."""
+    """The scores the top-k picks from, fp32: the block's probabilities, or its logits;
+    padding lanes score -inf (logits) or 0 (probabilities)."""
     valid = (rows[:, None] < T) & (cols[None, :] < E)
     x = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride + cols[None, :], mask=valid,
                 other=float("-inf")).to(tl.float32)
     if SOFTMAX_FIRST:
-        e = tl.where(valid, tl.exp(x - tl.max(x, 1)[:, None]), 0.0)
-        return x, e / tl.sum(e, 1)[:, None]
-    return x, x
+        x = _softmax(x, valid)
+    return x
+
+
+@triton.jit
+def _softmax(x, valid):
+    """Softmax along axis 1 over the ``valid`` lanes (0 elsewhere)."""
+    e = tl.where(valid, tl.exp(x - tl.max(tl.where(valid, x, float("-inf")), 1)[:, None]), 0.0)
+    return e / tl.sum(e, 1)[:, None]
 
 
 @triton.jit
@@ -36,7 +42,7 @@ def _route_fwd_kernel(logits_ptr, w_ptr, ids_ptr, T, E, stride,
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.arange(0, EP)
     kc = tl.arange(0, KP)
-    _, score = _load_scores(logits_ptr, rows, cols, T, E, stride, SOFTMAX_FIRST)
+    score = _load_scores(logits_ptr, rows, cols, T, E, stride, SOFTMAX_FIRST)
     free = (cols < E)[None, :] & (rows < T)[:, None]  # real experts not picked yet
     vals = tl.zeros((BT, KP), dtype=tl.float32)
     ids = tl.zeros((BT, KP), dtype=tl.int32)
@@ -53,9 +59,7 @@ def _route_fwd_kernel(logits_ptr, w_ptr, ids_ptr, T, E, stride,
         if NORMALIZE:
             w = w / tl.sum(tl.where(k_ok, w, 0.0), 1)[:, None]
     else:  # softmax over the k picked logits
-        e = tl.where(k_ok, tl.exp(vals - tl.max(tl.where(k_ok, vals, float("-inf")), 1)[:, None]),
-                     0.0)
-        w = e / tl.sum(e, 1)[:, None]
+        w = _softmax(vals, k_ok)
     out = rows[:, None].to(tl.int64) * TOP_K + kc[None, :]
     m = (rows[:, None] < T) & k_ok
     tl.store(w_ptr + out, w.to(w_ptr.dtype.element_ty), mask=m)
@@ -69,7 +73,7 @@ def _route_bwd_kernel(dw_ptr, logits_ptr, ids_ptr, dx_ptr, T, E, stride,
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.arange(0, EP)
     kc = tl.arange(0, KP)
-    _, score = _load_scores(logits_ptr, rows, cols, T, E, stride, SOFTMAX_FIRST)
+    score = _load_scores(logits_ptr, rows, cols, T, E, stride, SOFTMAX_FIRST)
     k_ok = (kc[None, :] < TOP_K) & (rows[:, None] < T)
     at = rows[:, None].to(tl.int64) * TOP_K + kc[None, :]
     dw = tl.load(dw_ptr + at, mask=k_ok, other=0.0).to(tl.float32)
@@ -88,9 +92,7 @@ def _route_bwd_kernel(dw_ptr, logits_ptr, ids_ptr, dx_ptr, T, E, stride,
             ds = (dw - tl.sum(dw * s, 1)[:, None] / total) / total
         c = tl.sum(ds * s, 1)  # softmax backward: dx = p * (dp - sum(p dp)), dp sparse
     else:  # w = softmax(s): ds = w * (dw - sum(dw w))
-        e = tl.where(k_ok, tl.exp(s - tl.max(tl.where(k_ok, s, float("-inf")), 1)[:, None]),
-                     0.0)
-        w = e / tl.sum(e, 1)[:, None]
+        w = _softmax(s, k_ok)
         ds = w * (dw - tl.sum(dw * w, 1)[:, None])
     dp = tl.zeros((BT, EP), dtype=tl.float32)
     for j in tl.static_range(TOP_K):
