@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One device call: GPU tests and the benchmarks, results under $OUT. Stages: tests layer
 # layer32k memory wgrad hf hf-profile qlora kernels triton-bwd peers profile fsdp finetune
-# fsdp-tune layer-block host saved ep (default: all but kernels, triton-bwd, peers, fsdp*,
-# finetune, layer-block, host, saved and ep; peers needs liger-kernel's wheel in .whl, fsdp*
+# fsdp-tune layer-block host saved ep fp8 (default: all but kernels, triton-bwd, peers, fsdp*,
+# finetune, layer-block, host, saved, ep and fp8; peers needs liger-kernel's wheel in .whl, fsdp*
 # and ep two GPUs). Run from the repository root.
 set -uo pipefail
 export PYTHONPATH=$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -85,6 +85,10 @@ for s in $stages; do
     # expert parallel on 2 GPUs: unpipelined and pipelined in 2 and 4 chunks
     ep) torchrun --nproc-per-node 2 -m groupmoe.bench.ep_bench --overlap-chunks 1 2 4 \
           --out "$OUT/ep.json" 2>&1 | grep -v "^W" ;;
+    # precision="fp8" against bf16 groupmoe and the dense chain (its GPU test first)
+    fp8) python3 -m pytest -q -m gpu tests/test_fp8.py 2>&1 | tail -3
+         python3 -m groupmoe bench --tokens 8192 --modes train forward \
+           --impls groupmoe groupmoe-fp8 dense --out "$OUT/layer_fp8.json" | grep '^|' ;;
     # what a forward keeps for backward, tensor by tensor, against what it leaves allocated
     saved) for i in experts block; do python3 -m groupmoe.bench.saved --impl $i; done ;;
     profile) python3 -m groupmoe.bench.profile --shape qwen3-30b-a3b --impls groupmoe dense \

@@ -53,9 +53,11 @@ def test_cli_rejects_unknown_shape():
 
 def test_bench_recompute_impl_runs():
     rows = bench_layer([SMOKE_SHAPE], 16, modes=("train",),
-                       impls=("groupmoe", "groupmoe-recompute", "groupmoe-torch"),
+                       impls=("groupmoe", "groupmoe-recompute", "groupmoe-torch",
+                              "groupmoe-fp8"),
                        repeat=1, device="cpu", log=lambda s: None)
-    assert [r.impl for r in rows] == ["groupmoe", "groupmoe-recompute", "groupmoe-torch"]
+    assert [r.impl for r in rows] == ["groupmoe", "groupmoe-recompute", "groupmoe-torch",
+                                      "groupmoe-fp8"]
     assert "groupmoe-triton" in IMPLS
 
 

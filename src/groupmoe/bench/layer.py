@@ -4,7 +4,8 @@ Implementations: ``loop`` (per-expert reference), ``naive`` (sort + grouped_mm +
 autograd), ``groupmoe`` (the fused memory-lean Function, ``save="h"``),
 ``groupmoe-recompute`` (``save="none"``), ``groupmoe-torch`` / ``groupmoe-triton`` (``save="h"``
 with ``backend="torch"`` / ``"triton"``: torch grouped_mm, or the fused Triton forward and
-backward kernels, against ``groupmoe``'s ``auto`` pick), ``block`` (the whole layer:
+backward kernels, against ``groupmoe``'s ``auto`` pick), ``groupmoe-fp8``
+(``precision="fp8"``: e4m3 forward and dX GEMMs), ``block`` (the whole layer:
 :class:`~groupmoe.MoEBlock` with its router on the hidden states, not handed the routing),
 peers (:mod:`groupmoe.bench.peers`: ``liger`` experts, ``sonicmoe`` whole layer) and
 ``dense``: the same FLOPs as one dense GEMM chain ``act(x W1) W2`` over ``T*k`` rows, i.e. the
@@ -31,7 +32,7 @@ from .shapes import SHAPES, SMOKE_SHAPE, Shape
 from .timing import first_call_s, held_bytes, median_ms, peak_extra_bytes
 
 IMPLS = ("loop", "naive", "groupmoe", "groupmoe-recompute", "dense", "groupmoe-torch",
-         "groupmoe-triton", "block", *PEERS)
+         "groupmoe-triton", "groupmoe-fp8", "block", *PEERS)
 IMPL_BACKENDS = {"groupmoe-torch": "torch", "groupmoe-triton": "triton"}  # else the default
 DEFAULT_IMPLS = ("loop", "naive", "groupmoe", "dense")
 MODES = ("train", "frozen", "forward")
@@ -120,8 +121,9 @@ class LayerProblem:
             if impl == "naive":
                 return expert_mlp_naive(x, routing, gates, *weights), dout
             save = "none" if impl == "groupmoe-recompute" else "h"
+            precision = "fp8" if impl == "groupmoe-fp8" else "default"
             return expert_mlp(x, routing, gates, *weights, save=save,
-                              backend=IMPL_BACKENDS.get(impl)), dout
+                              backend=IMPL_BACKENDS.get(impl), precision=precision), dout
 
         return forward
 
