@@ -57,3 +57,12 @@ def test_kernels_match_torch_on_cuda(name):
     assert rel_err(out, ref) < 5e-3 and rel_err(a, ref_a) < 5e-3
     assert rel_err(dh, ref_dh) < 5e-3 and rel_err(dg, ref_dg) < 1e-4
 
+
+
+def test_activation_kernel_knows_every_function():
+    """The kernel's function codes mirror ops.activations.FNS (kernels never import ops)."""
+    pytest.importorskip("triton")
+    from groupmoe.kernels.activation import _FN_CODES
+    from groupmoe.ops.activations import FNS
+
+    assert list(_FN_CODES) == list(FNS) and sorted(_FN_CODES.values()) == list(range(len(FNS)))
