@@ -35,6 +35,20 @@ def test_quantize_rowwise_bounds_and_scales():
     assert torch.equal(got[0].float(), want[0].float()) and torch.equal(got[1], want[1])
 
 
+def test_compiled_quantization_is_bit_identical():
+    """CUDA quantizes through torch.compile (Inductor fuses amax, scale and cast): no graph
+    break, the same bytes as the eager ops (checked here with Inductor's CPU code)."""
+    from groupmoe.ops.fp8 import _compiled_quantize
+
+    torch.manual_seed(0)
+    x = torch.randn(37, 48).bfloat16() * 5
+    assert torch._dynamo.explain(quantize_rowwise)(x).graph_break_count == 0
+    for t in (x, torch.randn(3, 32, 16).transpose(-1, -2)):  # rows, and a weight's columns
+        got, want = _compiled_quantize()(t), quantize_rowwise(t)
+        assert torch.equal(got[0].float(), want[0].float()) and torch.equal(got[1], want[1])
+        assert got[0].is_contiguous()
+
+
 @pytest.mark.parametrize("m,k,n,groups", [(50, 24, 10, 4), (7, 33, 5, 3), (0, 16, 16, 2)])
 def test_fp8_grouped_mm_emulation(m, k, n, groups):
     torch.manual_seed(0)

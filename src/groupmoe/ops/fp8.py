@@ -7,7 +7,8 @@ and only the e4m3 rounding of the operands (3 mantissa bits) differs from the hi
 product. Values beyond e4m3's range are scaled into it, never saturated to NaN.
 
 On Hopper/Blackwell CUDA (capability 9.0 or 10.0) the product runs on
-``torch._scaled_grouped_mm`` (fp32 accumulation, bf16 output); on CPU the same numerics are
+``torch._scaled_grouped_mm`` (fp32 accumulation, bf16 output) and the quantization through
+``torch.compile`` (fused by Inductor); on CPU the same numerics are
 emulated (quantize, dequantize exactly, multiply in fp32) so the suite tests them. Elsewhere
 FP8 is an error, never a silent high-precision product.
 """
@@ -42,6 +43,17 @@ def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @functools.cache
+def _compiled_quantize():
+    # on CUDA Inductor fuses the row reduction, the scaling and the cast into one or two
+    # kernels (bit-identical to the eager ops); compiled once, dynamic in every size
+    return torch.compile(quantize_rowwise, dynamic=True)
+
+
+def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _compiled_quantize()(x) if x.is_cuda else quantize_rowwise(x)
+
+
+@functools.cache
 def _capability(index: int | None) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
@@ -72,8 +84,8 @@ def fp8_grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor,
           f"{tuple(b.shape)}")
     why = fp8_unsupported(a, a.shape[1], b.shape[2])
     check(why is None, lambda: f"precision='fp8' cannot run: {why}")
-    a_q, a_inv = quantize_rowwise(a)
-    bt_q, b_inv = quantize_rowwise(b.transpose(-1, -2))  # [G, N, K]: per output column
+    a_q, a_inv = _quantize(a)
+    bt_q, b_inv = _quantize(b.transpose(-1, -2))  # [G, N, K]: per output column
     if a.device.type == "cpu":
         a_deq = a_q.float() * a_inv.unsqueeze(-1)  # exact: power-of-two scales
         b_deq = (bt_q.float() * b_inv.unsqueeze(-1)).transpose(-1, -2)
