@@ -109,6 +109,38 @@ def test_patched_bf16_relative_error(name):
             5e-2, 1.25 * rel_err(eager_grads[n], ref_grads[n])), n
 
 
+def test_patch_fp8_runs_plain_stacks_in_fp8():
+    """patch(model, precision="fp8"): the experts' GEMMs take e4m3 operands (the loss moves by
+    FP8 rounding, not more); unpatch and a plain patch give the exact results back. One layer:
+    in deeper tiny models FP8 noise flips later routers' top-k choices."""
+    model = build("qwen3_moe", num_hidden_layers=1)
+    ids = tokens()
+    ref_logits, ref_loss, ref_grads = step(model, ids)
+    report = groupmoe.patch(model, precision="fp8")
+    assert report.patched and not report.notes, str(report)
+    logits, loss, grads = step(model, ids)
+    assert 1e-4 < rel_err(logits, ref_logits) < 0.05
+    experts = [n for n in grads if "experts" in n]
+    for n in experts:
+        assert rel_err(grads[n], ref_grads[n]) < 0.15, n
+    groupmoe.unpatch(model)
+    groupmoe.patch(model)
+    again, _, _ = step(model, ids)
+    assert rel_err(again, ref_logits) < 1e-5
+    with pytest.raises(ValueError, match="precision must be one of"):
+        groupmoe.patch(model, precision="int4")
+
+
+def test_patch_fp8_names_the_modules_it_leaves_alone():
+    peft = pytest.importorskip("peft")
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[],
+                          target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    model = peft.get_peft_model(build("qwen3_moe"), cfg)
+    report = groupmoe.patch(model, precision="fp8")
+    assert len(report.notes) == 1 and "LoRA-wrapped" in report.notes[0]
+    assert all(name in report.notes[0] for name in report.patched)
+
+
 def test_generate_state_dict_and_save_load(tmp_path):
     model = build("qwen3_moe")
     model.eval()

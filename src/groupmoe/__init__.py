@@ -5,11 +5,11 @@ from .nn import GroupedExperts, MoEBlock, TopKRouter
 from .ops import build_routing, expert_mlp, flush_checks, route, set_validation
 
 
-def patch(model):
+def patch(model, precision: str = "default"):
     """Accelerate a transformers MoE model in place; see :func:`groupmoe.integrations.patch`."""
     from .integrations.transformers import patch as _patch
 
-    return _patch(model)
+    return _patch(model, precision)
 
 
 def unpatch(model) -> None:

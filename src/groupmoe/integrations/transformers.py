@@ -25,7 +25,8 @@ from torch import nn
 
 from ..ops.activations import Activation
 from ..ops.backend import FUSED_ACTIVATIONS
-from ..ops.experts import expert_mlp
+from ..ops.checks import check
+from ..ops.experts import PRECISIONS, Precision, expert_mlp
 from ..ops.grouped_linear import grouped_linear
 from ..ops.routing import build_routing, combine
 from .activations import own_activation, recognise
@@ -39,6 +40,7 @@ from .quantized import (
 log = logging.getLogger("groupmoe")
 IMPL_NAME = "groupmoe"
 _PREVIOUS = "_groupmoe_previous_impl"
+_PRECISION = "_groupmoe_precision"  # patch(precision=...) per experts module
 _warned: set[tuple[str, str]] = set()
 
 
@@ -229,7 +231,8 @@ def experts_forward(module: nn.Module, hidden_states: torch.Tensor, top_k_index:
         if lora is not None:
             return expert_mlp_lora(hidden_states, routing, top_k_weights, w1, w2, lora, b1, b2,
                                    act)
-    return expert_mlp(hidden_states, routing, top_k_weights, w1, w2, b1, b2, act)
+    return expert_mlp(hidden_states, routing, top_k_weights, w1, w2, b1, b2, act,
+                      precision=module.__dict__.get(_PRECISION, "default"))
 
 
 def _generic_forward(module: nn.Module, x: torch.Tensor, routing, top_k_weights: torch.Tensor,
@@ -309,21 +312,27 @@ def _runs_grouped(module: nn.Module, x: torch.Tensor) -> bool:
     return isinstance(act, Activation) and _runtime_reason(module, x, None) is None
 
 
-def patch(model: nn.Module) -> PatchReport:
+def patch(model: nn.Module, precision: Precision = "default") -> PatchReport:
     """Switch every eligible MoE experts module of ``model`` to groupmoe.
 
     transformers 5 models switch their experts implementation (the config's
     ``_experts_implementation``, restored by :func:`unpatch`); transformers 4 ``ModuleList``
     blocks get their forward replaced. Returns (and logs) a :class:`PatchReport`.
+
+    ``precision="fp8"`` (experimental, see :func:`~groupmoe.ops.expert_mlp`) runs the forward
+    and dX GEMMs of transformers 5 experts with plain (not 4-bit, not LoRA-wrapped) stacks in
+    e4m3; the report names the modules that keep their own precision.
     """
     from .modulelist import patch_modulelist_blocks
 
+    check(precision in PRECISIONS,
+          f"groupmoe.patch: precision must be one of {PRECISIONS}, got {precision!r}")
     report = PatchReport()
     v5 = [(n, m) for n, m in model.named_modules() if _is_v5_experts(m)]
     if v5:
         register()
         _link_peft_wrappers(model)
-    patched = []
+    patched, fp8_excluded = [], []
     for name, module in v5:
         reason = _static_reason(module)
         if reason is not None:
@@ -333,7 +342,12 @@ def patch(model: nn.Module) -> PatchReport:
         if quant is not None:
             report.quantized[name] = quant
             share_parametrized_class(module)
-        report.paths[name] = path_name(_prepare(module))
+        act = _prepare(module)
+        report.paths[name] = path_name(act)
+        module.__dict__[_PRECISION] = precision
+        if precision != "default" and (quant is not None or isinstance(act, Generic)
+                                       or _peft_wrapper(module) is not None):
+            fp8_excluded.append(name)
         # the previous choice lives on the module, not the config (which is saved to disk)
         if _PREVIOUS not in module.__dict__:
             module.__dict__[_PREVIOUS] = module.config._experts_implementation
@@ -346,7 +360,15 @@ def patch(model: nn.Module) -> PatchReport:
             "the model is loaded in 4-bit but some experts are not: transformers' bitsandbytes "
             "integration leaves stacked experts in their dtype; groupmoe.quantize_experts(model) "
             "converts them to NF4")
+    modulelist_before = len(report.patched)
     patch_modulelist_blocks(model, report)
+    if precision != "default":
+        fp8_excluded += report.patched[modulelist_before:]  # transformers 4 blocks
+        if fp8_excluded:
+            report.notes.append(
+                f"precision={precision!r} applies to plain expert stacks; these keep their "
+                f"own precision (4-bit, LoRA-wrapped, generic path or transformers 4 "
+                f"blocks): {', '.join(fp8_excluded)}")
     log.info("%s", report)
     return report
 
@@ -361,7 +383,7 @@ def unpatch(model: nn.Module) -> None:
         if _is_v5_experts(module):
             if _PREVIOUS in module.__dict__:
                 module.config._experts_implementation = module.__dict__.pop(_PREVIOUS)
-            for attr in ("_groupmoe_act", "_groupmoe_peft_wrapper"):
+            for attr in ("_groupmoe_act", "_groupmoe_peft_wrapper", _PRECISION):
                 if attr in module.__dict__:
                     delattr(module, attr)
     unpatch_modulelist_blocks(model)
