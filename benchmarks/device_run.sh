@@ -85,10 +85,14 @@ for s in $stages; do
     # expert parallel on 2 GPUs: unpipelined and pipelined in 2 and 4 chunks
     ep) torchrun --nproc-per-node 2 -m groupmoe.bench.ep_bench --overlap-chunks 1 2 4 \
           --out "$OUT/ep.json" 2>&1 | grep -v "^W" ;;
-    # precision="fp8" against bf16 groupmoe and the dense chain (its GPU test first)
+    # precision="fp8" against bf16 groupmoe and the dense chain, then in two Qwen3 decoder
+    # layers against grouped_mm (its GPU test first)
     fp8) python3 -m pytest -q -m gpu tests/test_fp8.py 2>&1 | tail -3
          python3 -m groupmoe bench --tokens 8192 --modes train forward \
-           --impls groupmoe groupmoe-fp8 dense --out "$OUT/layer_fp8.json" | grep '^|' ;;
+           --impls groupmoe groupmoe-fp8 dense --out "$OUT/layer_fp8.json" | grep '^|'
+         python3 -m groupmoe.bench.hf_e2e --models qwen3-30b-a3b \
+           --impls grouped_mm groupmoe groupmoe-fp8 --out "$OUT/hf_e2e_fp8.json" 2>&1 \
+           | grep -v "^{" ;;
     # what a forward keeps for backward, tensor by tensor, against what it leaves allocated
     saved) for i in experts block; do python3 -m groupmoe.bench.saved --impl $i; done ;;
     profile) python3 -m groupmoe.bench.profile --shape qwen3-30b-a3b --impls groupmoe dense \

@@ -99,12 +99,14 @@ def test_hf_e2e_bench_smoke(tmp_path):
     pytest.importorskip("transformers")
     out = tmp_path / "hf.json"
     subprocess.run([sys.executable, "-m", "groupmoe.bench.hf_e2e", "--smoke", "--models",
-                    "qwen3-30b-a3b", "--impls", "eager", "groupmoe", "--out", str(out)],
+                    "qwen3-30b-a3b", "--impls", "eager", "groupmoe", "groupmoe-fp8", "--out",
+                    str(out)],
                    check=True, capture_output=True)
     rows = json.loads(out.read_text())["rows"]
     # transformers' eager experts run eager only (compiled they break the graph per expert)
     assert [(r["impl"], r["mode"]) for r in rows] == [
-        ("eager", "eager"), ("groupmoe", "eager"), ("groupmoe", "compiled")]
+        ("eager", "eager"), ("groupmoe", "eager"), ("groupmoe-fp8", "eager"),
+        ("groupmoe", "compiled"), ("groupmoe-fp8", "compiled")]
     assert all(r["ms"] > 0 and r["first_step_s"] > 0 for r in rows)
 
 

@@ -19,7 +19,7 @@ import logging
 import torch
 
 from ..finetune.configs import MODELS
-from ..integrations.transformers import use_experts_implementation
+from ..integrations.transformers import patch, use_experts_implementation
 from .layer import environment
 from .profile import back_to_back_ms, kernel_ms
 from .timing import median_ms, peak_extra_bytes
@@ -36,7 +36,15 @@ SMOKE = {k: (c, m, dict(kw, hidden_size=64, intermediate_size=32, num_attention_
                         **({"moe_intermediate_size": 16} if "moe_intermediate_size" in kw
                            else {})))
          for k, (c, m, kw) in REAL.items()}
-IMPLS = ("eager", "grouped_mm", "batched_mm", "groupmoe")
+IMPLS = ("eager", "grouped_mm", "batched_mm", "groupmoe", "groupmoe-fp8")
+
+
+def use_impl(model, impl: str) -> None:
+    """transformers' experts implementation ``impl``, groupmoe's, or groupmoe's with
+    ``precision="fp8"`` (``"groupmoe-fp8"``)."""
+    use_experts_implementation(model, "eager" if impl == "groupmoe-fp8" else impl)
+    if impl == "groupmoe-fp8":
+        patch(model, precision="fp8")
 MODES = ("eager", "compiled")
 
 
@@ -79,7 +87,7 @@ def bench_model(name, layers, batch, seq, smoke, device, dtype, repeat, modes=MO
         for impl in impls:
             if mode == "compiled" and impl == "eager":
                 continue
-            use_experts_implementation(model, impl)
+            use_impl(model, impl)
             set_compiled(model, mode == "compiled")
 
             def step(it, model=model):
@@ -114,7 +122,7 @@ def profile_impl(name, impl, layers, batch, seq, smoke, device, dtype, rows=20,
     from torch.profiler import ProfilerActivity, profile
 
     model = build(name, layers, smoke, device, dtype)
-    use_experts_implementation(model, impl)
+    use_impl(model, impl)
     set_compiled(model, compiled)
     x = torch.randn(batch, seq, model.config.hidden_size, device=device, dtype=dtype,
                     requires_grad=True)
@@ -184,7 +192,7 @@ def print_table(rows: list[dict]) -> None:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         same = [o["ms"] for o in rows if o["model"] == r["model"] and o["mode"] == r["mode"]
-                and o["impl"] != "groupmoe" and o["ms"]]
+                and not o["impl"].startswith("groupmoe") and o["ms"]]
         head = f"| {r['model']} | {r['impl']} | {r['mode']} |"
         if r["ms"] is None:
             print(f"{head} OOM | - | - | - | - |")
