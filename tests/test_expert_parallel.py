@@ -254,6 +254,31 @@ def _check_compiled(rank, world):
         assert rel_err(got[1][name], want[1][name]) < TOL, name
 
 
+def _check_pipelined_backward_passes(rank, world):
+    """The pipelined backward (overlap_chunks > 1) in the passes autograd offers: a kept graph
+    run twice adds up, and a pass that asks for the input only (``autograd.grad(out, [x])``)
+    leaves the expert weights alone, as the one-chunk path does."""
+    torch.manual_seed(5)
+    e = 2 * world
+    full = GroupedExperts(8, 6, e, dtype=torch.float64)
+    x = torch.randn(7 + rank, 8, dtype=torch.float64, requires_grad=True)
+    ids = torch.stack([torch.randperm(e)[:2] for _ in range(7 + rank)])
+    gates = torch.rand(7 + rank, 2, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(7 + rank, 8, dtype=torch.float64)
+    results = {}
+    for chunks in (1, 3):
+        ep = ExpertParallel.from_experts(full, overlap_chunks=chunks)
+        x.grad = gates.grad = None
+        out = ep(x, ids, gates)
+        out.backward(up, retain_graph=True)
+        out.backward(up)
+        only_x = torch.autograd.grad(ep(x, ids, gates), [x], up)[0]
+        results[chunks] = (x.grad, gates.grad, ep.gate_up.grad, ep.down.grad, only_x)
+    for got, want in zip(results[3], results[1]):
+        assert rel_err(got, want) < TOL
+    assert rel_err(results[3][0], 2 * results[3][4]) < TOL  # twice the one-pass gradient
+
+
 def _expect_error(match, fn):
     with pytest.raises(ValueError, match=match):
         fn()
@@ -294,6 +319,7 @@ def _worker(rank, world):
     for seed, args in enumerate(CASES[world][:3]):
         _check_parity(rank, world, seed, *args, chunks=3)
     _check_parity(rank, world, 0, *CASES[world][0], chunks=8)
+    _check_pipelined_backward_passes(rank, world)
     if world == 4:
         _check_mesh_2d(rank, world)
     else:

@@ -10,8 +10,10 @@ Data flow of one call on every rank of the expert-parallel (EP) group::
 Both all-to-alls are autograd nodes whose backward is the reverse exchange, so ``x``, the router
 weights and the local expert weights all get their gradients. The transport is PyTorch's own
 ``all_to_all_single`` (NCCL on GPUs, gloo on CPU). With ``overlap_chunks > 1`` the tokens go
-through this in chunks, pipelined: the exchanges are issued asynchronously so that chunk
-``c``'s experts run while chunk ``c + 1``'s rows travel out and chunk ``c - 1``'s travel back.
+through this in chunks, pipelined in both directions: the exchanges are issued
+asynchronously so that chunk ``c``'s experts (forward, then backward) run while chunk
+``c + 1``'s rows (then output gradients) travel out and chunk ``c``'s results (then input
+gradients) travel back.
 
 Composing with data parallel / FSDP2 (2-D mesh)
 -----------------------------------------------
@@ -91,60 +93,136 @@ def shard_expert_tensor(t: torch.Tensor, rank: int, world_size: int) -> torch.Te
     return t[r.start:r.stop]
 
 
-def _exchange(t: torch.Tensor, out_splits: list[int], in_splits: list[int],
-              group: dist.ProcessGroup) -> torch.Tensor:
-    out = t.new_empty((sum(out_splits), *t.shape[1:]))
-    dist.all_to_all_single(out, t.contiguous(), out_splits, in_splits, group=group)
-    return out
-
-
-class _Pending:
-    """The work handles of collectives issued asynchronously, waited on by :class:`_Wait`."""
-
-    def __init__(self):
-        self.works: list = []
-
-
-class _AsyncAllToAll(torch.autograd.Function):
+def _issue(tensors, out_splits: list[int], in_splits: list[int], group: dist.ProcessGroup
+           ) -> tuple[list, list[torch.Tensor]]:
     """``all_to_all_single`` of row tensors sharing the same splits, issued without waiting
-    (``async_op``): the outputs are valid once :class:`_Wait` has run on ``pending``, so work
-    queued in between overlaps with the exchange (on NCCL it runs on the communication
-    stream). Backward is the reverse exchange, synchronous. One node for several tensors keeps
-    the collectives in one fixed order on every rank."""
+    (``async_op``): ``(works, outputs)``, the outputs valid once every work has been waited
+    on (on CUDA the current stream waits; the host does not)."""
+    works, outs = [], []
+    for t in tensors:
+        out = t.new_empty((sum(out_splits), *t.shape[1:]))
+        works.append(dist.all_to_all_single(out, t.contiguous(), out_splits, in_splits,
+                                            group=group, async_op=True))
+        outs.append(out)
+    return works, outs
+
+
+def _wait(issued: tuple[list, list[torch.Tensor]]) -> list[torch.Tensor]:
+    works, outs = issued
+    for work in works:
+        work.wait()
+    return outs
+
+
+class _Exchange(torch.autograd.Function):
+    """Synchronous ``all_to_all_single`` of row tensors sharing the same splits; backward is
+    the reverse exchange (of every input that needs a gradient, zeros for an unused output, so
+    that all ranks exchange the same tensors)."""
 
     @staticmethod
-    def forward(ctx, group, out_splits, in_splits, pending, *tensors):
+    def forward(ctx, group, out_splits, in_splits, *tensors):
         ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
-        outs = []
-        for t in tensors:
-            out = t.new_empty((sum(out_splits), *t.shape[1:]))
-            pending.works.append(dist.all_to_all_single(
-                out, t.contiguous(), out_splits, in_splits, group=group, async_op=True))
-            outs.append(out)
-        return tuple(outs)
+        outs = tuple(_wait(_issue(tensors, out_splits, in_splits, group)))
+        ctx.like = [(o.shape, o.dtype, o.device) for o in outs]
+        return outs
 
     @staticmethod
     def backward(ctx, *grads):
-        back = tuple(
-            _exchange(g, ctx.in_splits, ctx.out_splits, ctx.group) if need else None
-            for g, need in zip(grads, ctx.needs_input_grad[4:])
-        )
-        return (None, None, None, None, *back)
+        need = ctx.needs_input_grad[3:]
+        rows = [torch.zeros(shape, dtype=dtype, device=device) if g is None else g
+                for g, (shape, dtype, device), n in zip(grads, ctx.like, need) if n]
+        back = iter(_wait(_issue(rows, ctx.in_splits, ctx.out_splits, ctx.group)))
+        return (None, None, None, *(next(back) if n else None for n in need))
 
 
-class _Wait(torch.autograd.Function):
-    """Identity on ``tensors`` once ``pending``'s collectives are done (on CUDA the current
-    stream waits for them; the host does not)."""
+class _Pipeline(torch.autograd.Function):
+    """The exchanges and local experts of every token chunk as one autograd node, pipelined in
+    both directions. Forward: chunk ``c + 1``'s rows travel to their experts while chunk
+    ``c``'s experts run, and chunk ``c``'s results travel back right after. Backward, by hand:
+    chunk ``c + 1``'s output gradient travels to the experts while chunk ``c``'s expert
+    backward runs (a local autograd graph kept from the forward), and chunk ``c``'s input
+    gradients travel back right after. Every rank issues the collectives in the same order.
+    (One chunk takes plain autograd nodes instead: :class:`_Exchange` around the experts.)
+
+    Inputs: ``(ep, plans, grad, *sends, *params)``: ``sends`` the chunks' expert-sorted rows
+    and router weights, two per chunk; ``params`` the local expert parameters, inputs so that
+    the outputs require grad when only they do. Their gradients are accumulated by the local
+    backward itself, as an unpipelined backward would (or handed to an active
+    WeightGradStore); a pass that leaves them out (``torch.autograd.grad(out, [x])``,
+    ``backward(inputs=...)``) leaves them out here too. Outputs: each chunk's returned rows."""
 
     @staticmethod
-    def forward(ctx, pending, *tensors):
-        for work in pending.works:
-            work.wait()
-        return tuple(t.view_as(t) for t in tensors)
+    def forward(ctx, ep, plans, grad, *flat):
+        n = len(plans)
+        sends, params = flat[:2 * n], flat[2 * n:]
+        group = ep.group
+
+        def dispatch(c):
+            in_splits, out_splits, _ = plans[c]
+            return _issue(sends[2 * c:2 * c + 2], out_splits, in_splits, group)
+
+        inner, returns = [], []
+        issued = dispatch(0)
+        for c, (in_splits, out_splits, local_ids) in enumerate(plans):
+            current = issued
+            if c + 1 < n:  # in flight while this chunk computes
+                issued = dispatch(c + 1)
+            x_recv, g_recv = _wait(current)
+            # received rows are fresh leaves of this chunk's local graph
+            x_recv.requires_grad_(grad and sends[2 * c].requires_grad)
+            g_recv.requires_grad_(grad and sends[2 * c + 1].requires_grad)
+            with torch.set_grad_enabled(grad):
+                y_recv = GroupedExperts.forward(ep, x_recv, local_ids.unsqueeze(1),
+                                                g_recv.unsqueeze(1), check_ids=False)
+            inner.append((x_recv, g_recv, y_recv))
+            returns.append(_issue([y_recv.detach()], in_splits, out_splits, group))
+        ctx.group, ctx.plans, ctx.inner = group, plans, inner
+        ctx.weight_nodes = [torch.autograd.graph.get_gradient_edge(p).node
+                            for p in params if p.requires_grad]
+        return tuple(_wait(r)[0] for r in returns)
 
     @staticmethod
-    def backward(ctx, *grads):
-        return (None, *grads)
+    def backward(ctx, *dys):
+        plans, group = ctx.plans, ctx.group
+        n = len(plans)
+        keep = torch._C._autograd._get_current_graph_task_keep_graph()
+        # does this pass accumulate the expert weights' gradients?
+        weights = all(torch._C._will_engine_execute_node(node) for node in ctx.weight_nodes)
+
+        def to_experts(c):  # the reverse of chunk c's return exchange
+            in_splits, out_splits, _ = plans[c]
+            dy = dys[c] if dys[c] is not None else torch.zeros_like(ctx.inner[c][2])
+            return _issue([dy], out_splits, in_splits, group)
+
+        returns = []
+        issued = to_experts(0)
+        for c, (in_splits, out_splits, _) in enumerate(plans):
+            current = issued
+            if c + 1 < n:  # in flight while this chunk's expert backward runs
+                issued = to_experts(c + 1)
+            (dy_recv,) = _wait(current)
+            x_recv, g_recv, y_recv = ctx.inner[c]
+            leaves = [t for t in (x_recv, g_recv) if t.requires_grad]
+            if weights:  # weights (or the store) and the received rows' grads in one pass
+                torch.autograd.backward(y_recv, dy_recv, retain_graph=keep)
+                grads = [t.grad for t in leaves]
+                for t in leaves:
+                    t.grad = None
+            elif leaves:
+                grads = torch.autograd.grad(y_recv, leaves, dy_recv, retain_graph=keep,
+                                            allow_unused=True)
+            else:
+                grads = []
+            back = [torch.zeros_like(t) if d is None else d  # every rank sends the same
+                    for t, d in zip(leaves, grads)]
+            returns.append(_issue(back, in_splits, out_splits, group))
+        send_grads = []
+        for c, r in enumerate(returns):
+            got = iter(_wait(r))
+            send_grads += [next(got) if t.requires_grad else None for t in ctx.inner[c][:2]]
+        if not keep:
+            ctx.inner = None
+        return (None, None, None, *send_grads, *[None] * (len(ctx.needs_input_grad) - 3 - 2 * n))
 
 
 class _Dispatch(torch.autograd.Function):
@@ -206,11 +284,13 @@ class ExpertParallel(GroupedExperts):
             logged.
         overlap_chunks: split each call's tokens into this many chunks and pipeline them: the
             dispatch exchange of chunk ``c + 1`` and the combine exchange of chunk ``c - 1``
-            are in flight while chunk ``c``'s experts run (forward; the backward exchanges
-            stay synchronous). One count exchange and one host sync per call whatever the
-            count. ``1`` (default) is the unpipelined path; results are equal either way (up
-            to the summation order of the weight gradients over chunks). Not combinable with
-            ``capacity_factor`` yet.
+            are in flight while chunk ``c``'s experts run, and the same in backward. One
+            count exchange and one host sync per call whatever the count. ``1`` (default) is
+            the unpipelined path; results are equal either way (up to the summation order of
+            the weight gradients over chunks). Pipelined, the backward accumulates the expert
+            weights' gradients itself (into ``.grad`` or an active WeightGradStore), so
+            ``torch.autograd.grad`` with respect to them returns nothing: take them from
+            ``.grad``. Not combinable with ``capacity_factor`` yet.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
@@ -367,27 +447,20 @@ class ExpertParallel(GroupedExperts):
                 rows_sorted, gates_sorted = rows_sorted[kept], gates_sorted[kept]
             sends.append((rows_sorted, gates_sorted))
 
-        def dispatch(c):
-            pending = _Pending()
-            return pending, _AsyncAllToAll.apply(self.group, plans[c][1], plans[c][0], pending,
-                                                 *sends[c])
-
-        # the exchange of chunk c + 1 is issued before chunk c's experts run, chunk c's
-        # return exchange right after them: every rank issues them in this same order
-        combines = []
-        issued = dispatch(0)
-        for c, (in_splits, out_splits, local_ids) in enumerate(plans):
-            pending, received = issued
-            if c + 1 < n:
-                issued = dispatch(c + 1)
-            x_recv, g_recv = _Wait.apply(pending, *received)
-            y_recv = super().forward(x_recv, local_ids.unsqueeze(1), g_recv.unsqueeze(1))
-            back = _Pending()
-            combines.append((back, _AsyncAllToAll.apply(self.group, in_splits, out_splits, back,
-                                                        y_recv)))
+        if n == 1:
+            in_splits, out_splits, local_ids = plans[0]
+            x_recv, g_recv = _Exchange.apply(self.group, out_splits, in_splits, *sends[0])
+            y_recv = super().forward(x_recv, local_ids.unsqueeze(1), g_recv.unsqueeze(1),
+                                     check_ids=False)
+            returned = _Exchange.apply(self.group, in_splits, out_splits, y_recv)
+        else:
+            params = [p for p in (self.gate_up, self.down, self.gate_up_bias, self.down_bias)
+                      if p is not None]
+            flat = [t for pair in sends for t in pair]
+            grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*flat, *params))
+            returned = _Pipeline.apply(self, plans, grad, *flat, *params)
         outs = []
-        for routing, (back, returned) in zip(routings, combines):
-            (y,) = _Wait.apply(back, *returned)
+        for routing, y in zip(routings, returned):
             if kept is not None:  # dropped rows add nothing
                 y = y.new_zeros(routing.num_rows, y.shape[1]).index_copy(0, kept, y)
             outs.append(_Combine.apply(y, routing))
