@@ -127,10 +127,11 @@ def _kept_slots(ids, num_experts, factor):
     return keep
 
 
-def _check_capacity(rank, world):
+def _check_capacity(rank, world, chunks=1):
     """A hot expert under a capacity factor: the rows past capacity are dropped (their slot adds
     nothing, gets no gradient), which equals the oracle with those router weights zeroed;
-    a factor large enough to drop nothing changes nothing."""
+    a factor large enough to drop nothing changes nothing. Pipelined in chunks, the capacity
+    holds per call: the same rows are dropped."""
     from groupmoe.ops import expert_mlp_reference
 
     tokens, e, k = [11, 7], 4, 2
@@ -142,7 +143,7 @@ def _check_capacity(rank, world):
     bounds = [(sum(tokens[:r]), sum(tokens[:r + 1])) for r in range(world)]
     outs = {}
     for factor in (None, 100.0, 0.75):
-        ep = ExpertParallel.from_experts(full, capacity_factor=factor)
+        ep = ExpertParallel.from_experts(full, capacity_factor=factor, overlap_chunks=chunks)
         x = case.x.detach()[lo:hi].clone().requires_grad_(True)
         gates = case.gates.detach()[lo:hi].clone().requires_grad_(True)
         out = ep(x, case.ids[lo:hi], gates)
@@ -287,8 +288,6 @@ def _expect_error(match, fn):
 def _check_overlap_errors():
     with pytest.raises(ValueError, match="overlap_chunks must be an int >= 1"):
         ExpertParallel(8, 4, 4, overlap_chunks=0)
-    with pytest.raises(ValueError, match="not supported yet"):
-        ExpertParallel(8, 4, 4, overlap_chunks=2, capacity_factor=1.0)
 
 
 def _check_errors(rank, world):
@@ -325,6 +324,7 @@ def _worker(rank, world):
     else:
         _check_compiled(rank, world)
         _check_capacity(rank, world)
+        _check_capacity(rank, world, chunks=3)
         for name in ("qwen3_moe", "gpt_oss"):
             _check_transformers(rank, world, name)
     _check_errors(rank, world)

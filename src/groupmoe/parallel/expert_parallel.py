@@ -290,7 +290,7 @@ class ExpertParallel(GroupedExperts):
             the weight gradients over chunks). Pipelined, the backward accumulates the expert
             weights' gradients itself (into ``.grad`` or an active WeightGradStore), so
             ``torch.autograd.grad`` with respect to them returns nothing: take them from
-            ``.grad``. Not combinable with ``capacity_factor`` yet.
+            ``.grad``. With ``capacity_factor`` the capacity holds per call, across chunks.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int,
@@ -303,8 +303,6 @@ class ExpertParallel(GroupedExperts):
               f"ExpertParallel: capacity_factor must be > 0 or None, got {capacity_factor}")
         check(isinstance(overlap_chunks, int) and overlap_chunks >= 1,
               f"ExpertParallel: overlap_chunks must be an int >= 1, got {overlap_chunks!r}")
-        check(capacity_factor is None or overlap_chunks == 1,
-              "ExpertParallel: capacity_factor with overlap_chunks > 1 is not supported yet")
         pg = resolve_group(group, mesh_dim)
         world, rank = dist.get_world_size(pg), dist.get_rank(pg)
         config = (num_experts, hidden_size, intermediate_size, str(activation), bool(bias),
@@ -408,10 +406,9 @@ class ExpertParallel(GroupedExperts):
         routings, error = self._route(x, expert_ids, gate_weights, check_ids, chunks)
         counts = torch.stack([r.counts for r in routings]) if routings is not None else \
             torch.zeros(n, self.global_num_experts, dtype=torch.long, device=x.device)
-        keep = None
-        if self.capacity_factor is not None and routings is not None:  # one chunk
-            clipped, keep = self._capacity(routings[0])
-            counts = clipped.unsqueeze(0)
+        keeps = None
+        if self.capacity_factor is not None and routings is not None:
+            counts, keeps = self._capacity(routings)
         mine = self._call_config(x, expert_ids, gate_weights, bool(error))
         config = torch.tensor(mine, dtype=torch.long, device=x.device)
         # Row r goes to rank r: per chunk the counts of its experts, then this call's config.
@@ -437,15 +434,17 @@ class ExpertParallel(GroupedExperts):
                 recv.view(world, width)[:, c * per:(c + 1) * per].reshape(-1),
                 output_size=sum(out_splits))
             plans.append((in_splits, out_splits, local_ids))
-        kept = None
+        kept = [None] * n
         sends = []
-        for (t0, t1), routing, (in_splits, _, _) in zip(chunks, routings, plans):
+        for c, ((t0, t1), routing, (in_splits, _, _)) in enumerate(zip(chunks, routings, plans)):
             rows_sorted = _Dispatch.apply(x[t0:t1], routing)
             gates_sorted = gate_weights[t0:t1].reshape(-1).index_select(0, routing.order)
-            if keep is not None:
-                kept = self._kept_rows(keep, sum(in_splits))
-                rows_sorted, gates_sorted = rows_sorted[kept], gates_sorted[kept]
+            if keeps is not None:
+                kept[c] = self._kept_rows(keeps[c], sum(in_splits))
+                rows_sorted, gates_sorted = rows_sorted[kept[c]], gates_sorted[kept[c]]
             sends.append((rows_sorted, gates_sorted))
+        if keeps is not None:
+            self._count_drops(sum(k.numel() for k in keeps), sum(map(len, kept)))
 
         if n == 1:
             in_splits, out_splits, local_ids = plans[0]
@@ -460,34 +459,43 @@ class ExpertParallel(GroupedExperts):
             grad = torch.is_grad_enabled() and any(t.requires_grad for t in (*flat, *params))
             returned = _Pipeline.apply(self, plans, grad, *flat, *params)
         outs = []
-        for routing, y in zip(routings, returned):
-            if kept is not None:  # dropped rows add nothing
-                y = y.new_zeros(routing.num_rows, y.shape[1]).index_copy(0, kept, y)
+        for routing, y, rows in zip(routings, returned, kept):
+            if rows is not None:  # dropped rows add nothing
+                y = y.new_zeros(routing.num_rows, y.shape[1]).index_copy(0, rows, y)
             outs.append(_Combine.apply(y, routing))
         return outs[0] if n == 1 else torch.cat(outs)
 
-    def _capacity(self, routing: Routing) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-expert counts clipped to the capacity, and which expert-sorted rows stay."""
-        cap = math.ceil(self.capacity_factor * routing.num_rows / self.global_num_experts)
-        starts = routing.offsets.long() - routing.counts
-        position = torch.arange(routing.num_rows, device=starts.device) - \
-            starts.index_select(0, routing.expert_index.long())
-        return routing.counts.clamp(max=cap), position < cap
+    def _capacity(self, routings: list[Routing]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Per chunk and expert the row counts clipped to the call's capacity, and per chunk
+        which expert-sorted rows stay: an expert's first rows in (token, slot) order, across
+        the chunks in turn."""
+        counts = torch.stack([r.counts for r in routings])  # [chunks, E]
+        rows = sum(r.num_rows for r in routings)
+        cap = math.ceil(self.capacity_factor * rows / self.global_num_experts)
+        before = counts.cumsum(0) - counts  # each expert's rows in earlier chunks
+        keeps = []
+        for routing, prior in zip(routings, before):
+            starts = routing.offsets.long() - routing.counts - prior
+            position = torch.arange(routing.num_rows, device=starts.device) - \
+                starts.index_select(0, routing.expert_index.long())
+            keeps.append(position < cap)
+        return (cap - before).clamp(min=0).minimum(counts), keeps
 
     def _kept_rows(self, keep: torch.Tensor, n_kept: int) -> torch.Tensor:
         """Indices of the kept rows in order (a stable sort puts them first: no host sync)."""
-        n = keep.numel()
-        dropped = n - n_kept
+        order = torch.argsort((~keep).to(torch.int8), stable=True)
+        return order[:n_kept]
+
+    def _count_drops(self, rows: int, kept: int) -> None:
+        dropped = rows - kept
         self.drop_stats["calls"] += 1
-        self.drop_stats["rows"] += n
+        self.drop_stats["rows"] += rows
         self.drop_stats["dropped"] += dropped
         if dropped and not getattr(self, "_drop_logged", False):
             self._drop_logged = True
             log.warning("ExpertParallel (rank %d): capacity factor %s dropped %d of %d routed "
                         "rows in this call (drop_stats keeps the count)", self.rank,
-                        self.capacity_factor, dropped, n)
-        order = torch.argsort((~keep).to(torch.int8), stable=True)
-        return order[:n_kept]
+                        self.capacity_factor, dropped, rows)
 
     def _raise_on_mismatch(self, error: str, mine: list[int], theirs: list[list[int]]) -> None:
         if error:
