@@ -289,6 +289,30 @@ def _check_pipelined_backward_passes(rank, world):
         assert rel_err(got, want / 2) < TOL  # results: two backward passes each
 
 
+def _check_fp8(rank, world):
+    """precision="fp8" sharded: each row and each expert column is quantized the same wherever
+    it is computed, so expert parallel equals the unsharded FP8 module (fp32, CPU emulation)."""
+    torch.manual_seed(6)
+    e, t = 2 * world, 6
+    full = GroupedExperts(16, 8, e, precision="fp8")
+    x = torch.randn(world * t, 16, requires_grad=True)
+    ids = torch.stack([torch.randperm(e)[:2] for _ in range(world * t)])
+    gates = torch.rand(world * t, 2, requires_grad=True)
+    up = torch.randn(world * t, 16)
+    full(x, ids, gates).backward(up)
+    mine = slice(rank * t, (rank + 1) * t)
+    shard = local_expert_range(e, rank, world)
+    for chunks in (1, 3):
+        ep = ExpertParallel.from_experts(full, overlap_chunks=chunks)
+        assert ep.precision == "fp8"
+        xr = x.detach()[mine].clone().requires_grad_(True)
+        gr = gates.detach()[mine].clone().requires_grad_(True)
+        ep(xr, ids[mine], gr).backward(up[mine])
+        assert rel_err(xr.grad, x.grad[mine]) < 1e-5 and rel_err(gr.grad, gates.grad[mine]) < 1e-5
+        for p, w in ((ep.gate_up, full.gate_up), (ep.down, full.down)):
+            assert rel_err(p.grad, w.grad[shard.start:shard.stop]) < 1e-5
+
+
 def _expect_error(match, fn):
     with pytest.raises(ValueError, match=match):
         fn()
@@ -334,6 +358,7 @@ def _worker(rank, world):
         _check_compiled(rank, world)
         _check_capacity(rank, world)
         _check_capacity(rank, world, chunks=3)
+        _check_fp8(rank, world)
         for name in ("qwen3_moe", "gpt_oss"):
             _check_transformers(rank, world, name)
     _check_errors(rank, world)

@@ -50,7 +50,7 @@ import torch.distributed as dist
 from ..nn.experts import GroupedExperts, Impl
 from ..ops.activations import Activation
 from ..ops.checks import check, check_expert_ids
-from ..ops.experts import SaveMode, gather_sum
+from ..ops.experts import Precision, SaveMode, gather_sum
 from ..ops.routing import Routing, build_routing
 
 _DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
@@ -274,7 +274,8 @@ class ExpertParallel(GroupedExperts):
 
     Args:
         hidden_size, intermediate_size, num_experts: global expert shapes (``E`` in total).
-        activation, bias, impl, save: as in :class:`GroupedExperts` (the local compute).
+        activation, bias, impl, save, precision: as in :class:`GroupedExperts` (the local
+            compute).
         group: a ``ProcessGroup``, a ``DeviceMesh`` (with ``mesh_dim``), or ``None`` (world).
         capacity_factor: ``None`` (default) sends every routed row. A number ``c`` bounds what
             one rank sends to one expert per call to ``ceil(c * T * k / E)`` rows (``T`` its
@@ -298,7 +299,8 @@ class ExpertParallel(GroupedExperts):
                  impl: Impl = "groupmoe",
                  save: SaveMode | None = None, group=None, mesh_dim: str | int | None = None,
                  weight_grad: bool | None = None, capacity_factor: float | None = None,
-                 overlap_chunks: int = 1, device=None, dtype=None):
+                 overlap_chunks: int = 1, precision: Precision = "default", device=None,
+                 dtype=None):
         check(capacity_factor is None or capacity_factor > 0,
               f"ExpertParallel: capacity_factor must be > 0 or None, got {capacity_factor}")
         check(isinstance(overlap_chunks, int) and overlap_chunks >= 1,
@@ -306,19 +308,21 @@ class ExpertParallel(GroupedExperts):
         pg = resolve_group(group, mesh_dim)
         world, rank = dist.get_world_size(pg), dist.get_rank(pg)
         config = (num_experts, hidden_size, intermediate_size, str(activation), bool(bias),
-                  str(dtype or torch.get_default_dtype()), capacity_factor, overlap_chunks)
+                  str(dtype or torch.get_default_dtype()), capacity_factor, overlap_chunks,
+                  precision)
         configs: list = [None] * world
         dist.all_gather_object(configs, config, group=pg)
         for r, c in enumerate(configs):
             check(c == config,
                   f"ExpertParallel: rank {rank} has config (E, H, I, activation, bias, dtype, "
-                  f"capacity_factor, overlap_chunks) = "
+                  f"capacity_factor, overlap_chunks, precision) = "
                   f"{config} but rank {r} has {c}; all ranks of the group must agree")
         local = local_expert_range(num_experts, rank, world)
         # input_grad stays None: skipping dx on one rank would leave the backward
         # all-to-alls of the ranks out of step
         super().__init__(hidden_size, intermediate_size, len(local), activation, bias, impl,
-                         save, weight_grad=weight_grad, device=device, dtype=dtype)
+                         save, weight_grad=weight_grad, precision=precision, device=device,
+                         dtype=dtype)
         self.group, self.world_size, self.rank = pg, world, rank
         self.global_num_experts = num_experts
         self.expert_offset = local.start
@@ -338,7 +342,7 @@ class ExpertParallel(GroupedExperts):
                  experts.activation, experts.gate_up_bias is not None, experts.impl,
                  experts.save, group, mesh_dim, weight_grad=experts.weight_grad,
                  capacity_factor=capacity_factor, overlap_chunks=overlap_chunks,
-                 device=gate_up.device, dtype=gate_up.dtype)
+                 precision=experts.precision, device=gate_up.device, dtype=gate_up.dtype)
         with torch.no_grad():
             for name in ("gate_up", "down", "gate_up_bias", "down_bias"):
                 full = getattr(experts, name)
