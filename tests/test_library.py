@@ -71,3 +71,41 @@ def test_compiles_fullgraph_as_one_op():
         t.grad = None
     weighted_sum(x, ws, [3], 1.5).sum().backward()
     assert all(torch.allclose(a, t.grad) for a, t in zip(want, (x, *ws)))
+
+
+@torch.library.custom_op("groupmoe_test::with_intermediate", mutates_args=())
+def _with_intermediate(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(2 x, x^2)``: a result and an intermediate kept for backward (as expert_mlp's h)."""
+    return 2 * x, x * x
+
+
+@_with_intermediate.register_fake
+def _(x):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+def _keep_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _keep_backward(ctx, dout, dkept):
+    SEEN.append(dkept)
+    return (2 * dout,)
+
+
+with_intermediate = differentiable(_with_intermediate, _keep_backward, _keep_setup)
+
+
+def test_unused_outputs_get_no_materialised_gradient():
+    """An op's extra outputs (intermediates for backward, absent placeholders) are never used:
+    backward gets None for them, not a zero tensor as large as each (expert_mlp's h would be
+    one more h alive through the whole backward); an unused result gives no gradients."""
+    x = torch.randn(6, requires_grad=True)
+    SEEN.clear()
+    out, _ = with_intermediate(x)
+    out.sum().backward()
+    assert SEEN == [None] and torch.equal(x.grad, torch.full((6,), 2.0))
+    x.grad = None
+    out, kept = with_intermediate(x)
+    kept.sum().backward()  # only the intermediate used: the op's backward is not run
+    assert x.grad is None and len(SEEN) == 1

@@ -95,10 +95,16 @@ def differentiable(op, backward, setup_context):
         args = _unflatten(layout, flat)
         output = op(*args)
         ctx.layout = layout
+        # the extra outputs (intermediates kept for backward, absent placeholders) are never
+        # used downstream: without this autograd hands backward a zero-filled gradient for
+        # each, as large as h, alive for the whole backward
+        ctx.set_materialize_grads(False)
         setup_context(ctx, args, output)
         return output
 
     def backward_flat(ctx, *grads):
+        if grads[0] is None:  # the op's result was not used: no input gets a gradient
+            return (None,) * (1 + sum(1 if n < 0 else n for n in ctx.layout))
         grads = _flatten(ctx.layout, backward(ctx, *grads))
         return (None, *(d if isinstance(d, torch.Tensor) else None for d in grads))
 
