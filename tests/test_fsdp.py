@@ -158,23 +158,25 @@ def _worker4(rank, world, ckpt):
     dp, ep = 2, 2
     mesh = init_device_mesh("cpu", (dp, ep), mesh_dim_names=("dp", "ep"))
     flat = init_device_mesh("cpu", (world,))
-    torch.manual_seed(0)
-    model = Stack(experts=8)
-    batches = _batches(world, 12, seed=3)
-    ref = _reference_grads(model, batches)
     ep_rank = mesh.get_local_rank("ep")
-    expected = {}
-    for i, block in enumerate(model.blocks):
-        block.experts = ExpertParallel.from_experts(block.experts, mesh, "ep")
-        for name, _ in block.experts.named_parameters():
-            full = ref[f"blocks.{i}.experts.{name}"]
-            expected[f"blocks.{i}.experts.{name}"] = shard_expert_tensor(full, ep_rank, ep)
-        fully_shard(block.experts, mesh=mesh["dp"])
-        block.experts.set_gradient_divide_factor(dp * ep)
-    fully_shard(model, mesh=flat)
-    x, w = batches[rank]
-    (model(x) * w).sum().backward()
-    _assert_grads(model, ref, TOL, "EP x FSDP2", expected)
+    for chunks in (1, 2):  # unpipelined, and the pipelined forward and backward
+        torch.manual_seed(0)
+        model = Stack(experts=8)
+        batches = _batches(world, 12, seed=3)
+        ref = _reference_grads(model, batches)
+        expected = {}
+        for i, block in enumerate(model.blocks):
+            block.experts = ExpertParallel.from_experts(block.experts, mesh, "ep",
+                                                        overlap_chunks=chunks)
+            for name, _ in block.experts.named_parameters():
+                full = ref[f"blocks.{i}.experts.{name}"]
+                expected[f"blocks.{i}.experts.{name}"] = shard_expert_tensor(full, ep_rank, ep)
+            fully_shard(block.experts, mesh=mesh["dp"])
+            block.experts.set_gradient_divide_factor(dp * ep)
+        fully_shard(model, mesh=flat)
+        x, w = batches[rank]
+        (model(x) * w).sum().backward()
+        _assert_grads(model, ref, TOL, f"EP x FSDP2, {chunks} chunk(s)", expected)
 
 
 def _has_transformers5():
