@@ -75,6 +75,23 @@ def test_data_file(tmp_path, kind):
     assert run["status"] == "done"
 
 
+def test_fp8_precision_job(tmp_path):
+    """--precision fp8: the experts' GEMMs in e4m3 (CPU emulation) train the tiny model (LoRA
+    on attention, plain expert stacks) to a loss close to the default precision's; with LoRA
+    on the experts the report says they keep their precision; other implementations refuse
+    it."""
+    runs = {p: _run(tmp_path, steps=4, precision=p, lora_targets=("attention",))
+            for p in ("default", "fp8")}
+    assert (tmp_path / "tiny-groupmoe-fp8" / "metrics.json").exists()
+    losses = {p: [r["loss"] for r in run["steps"]] for p, run in runs.items()}
+    assert losses["fp8"] != losses["default"]
+    assert losses["fp8"] == pytest.approx(losses["default"], rel=0.05)
+    wrapped = _run(tmp_path / "wrapped", steps=1, precision="fp8")
+    assert any("keep their own precision" in n for n in wrapped["notes"])
+    with pytest.raises(ValueError, match="--precision fp8 needs --impl groupmoe"):
+        _run(tmp_path, impl="grouped_mm", precision="fp8")
+
+
 def test_bad_input(tmp_path):
     with pytest.raises(ValueError, match="unknown model 'qwen9'"):
         finetune(FinetuneConfig(model="qwen9", out=str(tmp_path)))

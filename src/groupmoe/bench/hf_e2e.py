@@ -19,7 +19,7 @@ import logging
 import torch
 
 from ..finetune.configs import MODELS
-from ..integrations.transformers import patch, use_experts_implementation
+from ..integrations.transformers import use_experts_implementation
 from .layer import environment
 from .profile import back_to_back_ms, kernel_ms
 from .timing import median_ms, peak_extra_bytes
@@ -42,9 +42,10 @@ IMPLS = ("eager", "grouped_mm", "batched_mm", "groupmoe", "groupmoe-fp8")
 def use_impl(model, impl: str) -> None:
     """transformers' experts implementation ``impl``, groupmoe's, or groupmoe's with
     ``precision="fp8"`` (``"groupmoe-fp8"``)."""
-    use_experts_implementation(model, "eager" if impl == "groupmoe-fp8" else impl)
     if impl == "groupmoe-fp8":
-        patch(model, precision="fp8")
+        use_experts_implementation(model, "groupmoe", precision="fp8")
+    else:
+        use_experts_implementation(model, impl)
 MODES = ("eager", "compiled")
 
 

@@ -47,6 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default=None,
                    help="transformers' attention implementation: sdpa, flex_attention (gpt-oss "
                         "on CUDA: sinks supported), eager; default: the model's own")
+    p.add_argument("--precision", default=d.precision, choices=("default", "fp8"),
+                   help="fp8: groupmoe's expert GEMMs (forward and dX) in e4m3 (experimental; "
+                   "plain bf16 expert stacks only)")
     p.add_argument("--steps", type=int, default=d.steps)
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--seed", type=int, default=d.seed)
@@ -69,7 +72,7 @@ def config_from(args: argparse.Namespace) -> FinetuneConfig:
     values["lora_targets"] = tuple(values["lora_targets"])
     values["checkpoint_keep"] = tuple(values["checkpoint_keep"])
     if args.smoke:
-        kept = ("impl", "out", "seed", "data", "profile", "compile")
+        kept = ("impl", "out", "seed", "data", "profile", "compile", "precision")
         return smoke_config(**{k: values[k] for k in kept})
     return FinetuneConfig(**values)
 

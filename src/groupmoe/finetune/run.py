@@ -36,8 +36,10 @@ class FinetuneConfig:
     ``"routing"``, ``"experts"``; empty: plain checkpointing). ``compile``: ``torch.compile``
     each decoder layer. ``attention``:
     transformers' attention implementation (``"sdpa"``, ``"flex_attention"``, ``"eager"``;
-    ``None``: the model's default). ``data``: a text or JSONL file, default the Python
-    standard library's source."""
+    ``None``: the model's default). ``precision``: ``"fp8"`` runs groupmoe's expert GEMMs
+    (forward and dX) in e4m3 (experimental, plain bf16 stacks only, see
+    :func:`groupmoe.patch`). ``data``: a text or JSONL file, default the Python standard
+    library's source."""
 
     model: str = "qwen3-30b-a3b"
     impl: str = "groupmoe"
@@ -55,6 +57,7 @@ class FinetuneConfig:
     checkpoint_keep: tuple[str, ...] = ("routing",)
     compile: bool = False
     attention: str | None = None
+    precision: str = "default"
     steps: int = 50
     lr: float = 2e-4
     seed: int = 0
@@ -67,7 +70,8 @@ class FinetuneConfig:
 
     def run_dir(self) -> str:
         name = os.path.basename(os.path.normpath(self.model))
-        return os.path.join(self.out, f"{name}-{self.impl}{'-compiled' if self.compile else ''}")
+        tags = ("-fp8" if self.precision == "fp8" else "") + ("-compiled" if self.compile else "")
+        return os.path.join(self.out, f"{name}-{self.impl}{tags}")
 
 
 class FinetuneOOM(RuntimeError):
@@ -89,6 +93,10 @@ def _device(cfg: FinetuneConfig) -> torch.device:
 
 def _check(cfg: FinetuneConfig, spec) -> None:
     check(cfg.impl in IMPLS, f"--impl must be one of {IMPLS}, got {cfg.impl!r}")
+    check(cfg.precision in ("default", "fp8"),
+          f"--precision must be default or fp8, got {cfg.precision!r}")
+    check(cfg.precision == "default" or cfg.impl == "groupmoe",
+          f"--precision {cfg.precision} needs --impl groupmoe, not {cfg.impl}")
     limit = getattr(spec.config, "max_position_embeddings", None)
     check(limit is None or cfg.seq <= limit,
           f"--seq {cfg.seq} is beyond {spec.name}'s maximum of {limit} positions")
@@ -149,7 +157,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
     model = add_lora(model, cfg.lora_rank, tuple(cfg.lora_targets), cfg.lora_alpha)
     from ..integrations import use_experts_implementation
 
-    report = use_experts_implementation(model, cfg.impl)
+    report = use_experts_implementation(model, cfg.impl, cfg.precision)
     if report is not None:
         notes.append(str(report))
     if cfg.gradient_checkpointing:
@@ -289,7 +297,9 @@ def compare(cfg: FinetuneConfig, impls: tuple[str, str] = ("groupmoe", "grouped_
     ``<out>/compare.png`` with the largest per-step loss difference, and ``compare.json``."""
     from .metrics import write_json
 
-    runs = {impl: finetune(dataclasses.replace(cfg, impl=impl)) for impl in impls}
+    runs = {impl: finetune(dataclasses.replace(  # --precision applies to groupmoe only
+        cfg, impl=impl, precision=cfg.precision if impl == "groupmoe" else "default"))
+        for impl in impls}
     curves = {impl: [(r["step"], r["loss"]) for r in run["steps"] if "loss" in r]
               for impl, run in runs.items()}
     a, b = (dict(curves[i]) for i in impls)

@@ -389,13 +389,16 @@ def unpatch(model: nn.Module) -> None:
     unpatch_modulelist_blocks(model)
 
 
-def use_experts_implementation(model: nn.Module, impl: str) -> PatchReport | None:
-    """Run ``model``'s experts with ``impl``: ``"groupmoe"`` (:func:`patch`, whose report is
-    returned) or one of transformers' own (``"eager"``, ``"grouped_mm"``, ``"batched_mm"``, ...;
-    groupmoe's patch undone first)."""
+def use_experts_implementation(model: nn.Module, impl: str, precision: Precision = "default"
+                               ) -> PatchReport | None:
+    """Run ``model``'s experts with ``impl``: ``"groupmoe"`` (:func:`patch` with ``precision``,
+    whose report is returned) or one of transformers' own (``"eager"``, ``"grouped_mm"``,
+    ``"batched_mm"``, ...; groupmoe's patch undone first)."""
+    check(precision == "default" or impl == IMPL_NAME,
+          f"precision={precision!r} needs the groupmoe experts implementation, not {impl!r}")
     unpatch(model)
     if impl == IMPL_NAME:
-        return patch(model)
+        return patch(model, precision)
     model.config._experts_implementation = impl
     return None
 
