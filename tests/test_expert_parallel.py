@@ -346,9 +346,9 @@ def _check_errors(rank, world):
 def _worker(rank, world):
     for seed, args in enumerate(CASES[world]):
         _check_parity(rank, world, seed, *args)
-    # pipelined in chunks: 3 (a rank with 0 tokens, deferred dW, a shard without tokens), and
-    # more chunks than some ranks have tokens
-    for seed, args in enumerate(CASES[world][:3]):
+    # pipelined in chunks: 3 (a rank with 0 tokens, deferred dW, a shard without tokens, every
+    # impl), and more chunks than some ranks have tokens
+    for seed, args in enumerate(CASES[world]):
         _check_parity(rank, world, seed, *args, chunks=3)
     _check_parity(rank, world, 0, *CASES[world][0], chunks=8)
     _check_pipelined_backward_passes(rank, world)

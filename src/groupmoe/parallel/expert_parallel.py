@@ -176,10 +176,16 @@ class _Pipeline(torch.autograd.Function):
                                                 g_recv.unsqueeze(1), check_ids=False)
             inner.append((x_recv, g_recv, y_recv))
             returns.append(_issue([y_recv.detach()], in_splits, out_splits, group))
+        outs = tuple(_wait(r)[0] for r in returns)
+        for _, _, y_recv in inner:
+            # backward needs this output's graph, not its data (the local experts' backward
+            # keeps none of its output): free the rows instead of holding them until then
+            if y_recv.requires_grad:
+                y_recv.untyped_storage().resize_(0)
         ctx.group, ctx.plans, ctx.inner = group, plans, inner
         ctx.weight_nodes = [torch.autograd.graph.get_gradient_edge(p).node
                             for p in params if p.requires_grad]
-        return tuple(_wait(r)[0] for r in returns)
+        return outs
 
     @staticmethod
     def backward(ctx, *dys):
@@ -203,7 +209,9 @@ class _Pipeline(torch.autograd.Function):
             (dy_recv,) = _wait(current)
             x_recv, g_recv, y_recv = ctx.inner[c]
             leaves = [t for t in (x_recv, g_recv) if t.requires_grad]
-            if weights:  # weights (or the store) and the received rows' grads in one pass
+            if not y_recv.requires_grad:  # e.g. no rows came: an output without a graph
+                grads = [None] * len(leaves)
+            elif weights:  # weights (or the store) and the received rows' grads in one pass
                 torch.autograd.backward(y_recv, dy_recv, retain_graph=keep)
                 grads = [t.grad for t in leaves]
                 for t in leaves:
