@@ -271,6 +271,10 @@ def _check_pipelined_backward_passes(rank, world):
         ep = ExpertParallel.from_experts(full, overlap_chunks=chunks)
         x.grad = gates.grad = None
         out = ep(x, ids, gates)
+        if chunks > 1:  # the experts' output rows are freed once sent back
+            node = out.grad_fn.next_functions[0][0].next_functions[0][0]
+            assert type(node).__name__ == "_PipelineBackward"
+            assert all(y.untyped_storage().nbytes() == 0 for _, _, y in node.inner)
         out.backward(up, retain_graph=True)
         out.backward(up)
         only_x = torch.autograd.grad(ep(x, ids, gates), [x], up)[0]
