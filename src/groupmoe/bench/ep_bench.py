@@ -217,12 +217,12 @@ def main() -> None:
               f"{fp64_err:.2e}, fp32 vs 1 GPU {fp32_err:.2e} -> {'PASS' if c['pass'] else 'FAIL'}")
         print(f"expert layer (H, I, E, k) = {shape}, bf16, train (fwd+bwd), tokens/rank = "
               f"{tokens}")
-        print(f"{'config':8} {'tokens':>7} {'fwd ms':>8} {'train ms':>9} {'tok/s':>10} "
+        print(f"{'config':13} {'tokens':>7} {'fwd ms':>8} {'train ms':>9} {'tok/s':>10} "
               f"{'TFLOP/s/gpu':>11} {'peak MiB':>9}")
         for name in ["1gpu"] + [ep_name(world, c) for c in args.overlap_chunks]:
             r = t[name]
             eff = f" efficiency {r['per_gpu_efficiency']:.2f}" if name != "1gpu" else ""
-            print(f"{name:8} {r['tokens']:7d} {r['fwd_ms']:8.2f} {r['train_ms']:9.2f} "
+            print(f"{name:13} {r['tokens']:7d} {r['fwd_ms']:8.2f} {r['train_ms']:9.2f} "
                   f"{r['train_tokens_per_s']:10.0f} {r['train_tflops_per_gpu']:11.1f} "
                   f"{r['peak_extra_mib']:9.0f}{eff}")
         if args.out:
