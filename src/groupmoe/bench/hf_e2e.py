@@ -37,6 +37,7 @@ SMOKE = {k: (c, m, dict(kw, hidden_size=64, intermediate_size=32, num_attention_
                            else {})))
          for k, (c, m, kw) in REAL.items()}
 IMPLS = ("eager", "grouped_mm", "batched_mm", "groupmoe", "groupmoe-fp8")
+MODES = ("eager", "compiled")
 
 
 def use_impl(model, impl: str) -> None:
@@ -46,7 +47,6 @@ def use_impl(model, impl: str) -> None:
         use_experts_implementation(model, "groupmoe", precision="fp8")
     else:
         use_experts_implementation(model, impl)
-MODES = ("eager", "compiled")
 
 
 def set_compiled(model, compiled: bool) -> None:

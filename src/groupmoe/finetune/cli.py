@@ -7,6 +7,7 @@ import dataclasses
 import json
 
 from ..ops.checkpoint import KEEPABLE
+from ..ops.experts import PRECISIONS
 from .configs import MODELS
 from .model import TARGETS
 from .run import IMPLS, FinetuneConfig, FinetuneOOM, compare, finetune, smoke_config
@@ -47,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention", default=None,
                    help="transformers' attention implementation: sdpa, flex_attention (gpt-oss "
                         "on CUDA: sinks supported), eager; default: the model's own")
-    p.add_argument("--precision", default=d.precision, choices=("default", "fp8"),
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="fp8: groupmoe's expert GEMMs (forward and dX) in e4m3 (experimental; "
                    "plain bf16 expert stacks only)")
     p.add_argument("--steps", type=int, default=d.steps)

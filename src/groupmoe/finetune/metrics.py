@@ -107,7 +107,6 @@ class StepClock:
         return dt
 
 
-
 def plot_losses(curves: dict[str, list[tuple[int, float]]], path: str, title: str) -> str | None:
     """Loss curves on one PNG (``None`` and nothing written when matplotlib is missing)."""
     try:

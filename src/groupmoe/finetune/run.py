@@ -12,6 +12,7 @@ import torch
 
 from ..ops.checkpoint import checkpoint_context
 from ..ops.checks import check, flush_checks
+from ..ops.experts import PRECISIONS
 from .configs import model_spec
 from .data import TokenWindows, train_tokenizer
 from .loss import chunked_loss_reason, use_chunked_loss
@@ -93,8 +94,8 @@ def _device(cfg: FinetuneConfig) -> torch.device:
 
 def _check(cfg: FinetuneConfig, spec) -> None:
     check(cfg.impl in IMPLS, f"--impl must be one of {IMPLS}, got {cfg.impl!r}")
-    check(cfg.precision in ("default", "fp8"),
-          f"--precision must be default or fp8, got {cfg.precision!r}")
+    check(cfg.precision in PRECISIONS,
+          f"--precision must be one of {PRECISIONS}, got {cfg.precision!r}")
     check(cfg.precision == "default" or cfg.impl == "groupmoe",
           f"--precision {cfg.precision} needs --impl groupmoe, not {cfg.impl}")
     limit = getattr(spec.config, "max_position_embeddings", None)

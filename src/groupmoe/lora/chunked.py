@@ -148,6 +148,15 @@ def _plan(x, w1, w2, experts_per_chunk, routing, top_k, act, s1, s2) -> _Plan:
                  activation_from_spec(act), (s1, s2))
 
 
+def _put(buf: Tensor, part: Tensor, c: Chunk, whole: bool) -> Tensor:
+    """``part`` (chunk ``c``'s rows) into ``buf``; with one chunk holding every row ``part`` is
+    the result itself (no buffer, no copy)."""
+    if whole:
+        return part
+    buf[c.r0:c.r1] = part
+    return buf
+
+
 def _rank(t: Tensor | None) -> int:
     return 0 if t is None else t.shape[-1]
 
@@ -190,16 +199,10 @@ def _chunked_forward_op(
         if b2 is not None:
             idx = routing_.expert_index[c.r0:c.r1]
             y_c += g_c.to(y_c.dtype).unsqueeze(1) * b2.index_select(0, idx)
-        if whole:
-            y = y_c
-            h_all = h if save_h else h_all
-            u_all = u if u is not None else u_all
-            v_all = v if v is not None else v_all
-        else:
-            y[c.r0:c.r1] = y_c
-            for buf, part in ((h_all, h if save_h else None), (u_all, u), (v_all, v)):
-                if part is not None:
-                    buf[c.r0:c.r1] = part
+        y = _put(y, y_c, c, whole)
+        h_all = _put(h_all, h, c, whole) if save_h else h_all
+        u_all = _put(u_all, u, c, whole) if u is not None else u_all
+        v_all = _put(v_all, v, c, whole) if v is not None else v_all
         del y_c, h, u, v
     return _gather_sum(y, routing_, x.dtype), h_all, u_all, v_all
 
@@ -273,11 +276,7 @@ def _chunked_backward_op(
             da2[c.e0:c.e1] = grouped_mm_wgrad(a_scaled, dv, c.offs)
         del a_scaled, dv
         if need_g:
-            dg_c = dg_c + dprob if b2 is not None else dg_c
-            if whole:
-                dg = dg_c
-            else:
-                dg[c.r0:c.r1] = dg_c
+            dg = _put(dg, dg_c + dprob if b2 is not None else dg_c, c, whole)
         if need_b1:
             db1[c.e0:c.e1] = segment_sum(dh, idx, c.e1 - c.e0, c.offs)
         du = None
@@ -294,10 +293,7 @@ def _chunked_backward_op(
             dxs_c = grouped_mm(dh, w1.transpose(-1, -2), c.offs)
             if du is not None:
                 dxs_c += grouped_mm(du, _factor(a1, c, dt).transpose(-1, -2), c.offs)
-            if whole:
-                dxs = dxs_c
-            else:
-                dxs[c.r0:c.r1] = dxs_c
+            dxs = _put(dxs, dxs_c, c, whole)
             del dxs_c
         del w1, dh, du
     grads = [_gather_sum(dxs, routing_, dt) if need_x else None,

@@ -20,7 +20,7 @@ import functools
 import torch
 
 from .checks import check
-from .grouped_gemm import grouped_mm
+from .grouped_gemm import cuda_capability, grouped_mm
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -53,11 +53,6 @@ def _quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _compiled_quantize()(x) if x.is_cuda else quantize_rowwise(x)
 
 
-@functools.cache
-def _capability(index: int | None) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
-
-
 def fp8_unsupported(a: torch.Tensor, k: int, n: int) -> str | None:
     """Why an FP8 grouped GEMM with contraction ``k`` and output width ``n`` cannot run on
     ``a``'s device, or ``None``."""
@@ -67,8 +62,8 @@ def fp8_unsupported(a: torch.Tensor, k: int, n: int) -> str | None:
         return f"device {a.device} (CUDA or CPU only)"
     if not hasattr(torch, "_scaled_grouped_mm"):
         return "this torch has no torch._scaled_grouped_mm"
-    if _capability(a.device.index) not in ((9, 0), (10, 0)):
-        return (f"GPU capability {_capability(a.device.index)}: torch's FP8 grouped GEMM "
+    if cuda_capability(a.device.index) not in ((9, 0), (10, 0)):
+        return (f"GPU capability {cuda_capability(a.device.index)}: torch's FP8 grouped GEMM "
                 "needs 9.0 (Hopper) or 10.0 (Blackwell)")
     if k % 16 or n % 16:
         return f"sizes {k} x {n}: FP8 GEMMs need multiples of 16"

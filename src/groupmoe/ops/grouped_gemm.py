@@ -48,7 +48,7 @@ def native_available(*tensors: torch.Tensor) -> bool:
     if t0.dtype not in _NATIVE_DTYPES:
         return False
     if t0.is_cuda:
-        if _capability(t0.device.index) < (8, 0):
+        if cuda_capability(t0.device.index) < (8, 0):
             return False
         if t0.dtype == torch.float32:  # CUDA grouped_mm is a bf16/fp16 kernel
             return False
@@ -56,8 +56,9 @@ def native_available(*tensors: torch.Tensor) -> bool:
 
 
 @functools.cache
-def _capability(index: int | None) -> tuple[int, int]:
-    # cached: the query costs microseconds on every grouped GEMM of a step otherwise
+def cuda_capability(index: int | None) -> tuple[int, int]:
+    """The CUDA device's compute capability, cached: the query costs microseconds on every
+    grouped GEMM of a step otherwise."""
     return torch.cuda.get_device_capability(index)
 
 

@@ -11,6 +11,7 @@ from .checks import check, checked_ids
 from .library import custom_op, differentiable
 
 RouterKind = Literal["softmax_topk", "topk_softmax"]
+ROUTER_KINDS = ("softmax_topk", "topk_softmax")
 
 
 @custom_op("route_topk")
@@ -54,8 +55,8 @@ def _route_backward(ctx, dweights, _):
 _route_fused = differentiable(_route_op, _route_backward, _route_setup)
 
 
-def _fused(logits: torch.Tensor, kind: str) -> bool:
-    if not use_triton(logits) or kind not in ("softmax_topk", "topk_softmax"):
+def _fused(logits: torch.Tensor) -> bool:
+    if not use_triton(logits):
         return False
     from ..kernels.router import MAX_EXPERTS
 
@@ -89,9 +90,9 @@ def route(
     check(1 <= top_k <= num_experts,
           lambda: f"{where}: top_k={top_k} must be between 1 and the number of experts "
                   f"({num_experts})")
-    check(kind in ("softmax_topk", "topk_softmax"),
+    check(kind in ROUTER_KINDS,
           lambda: f"{where}: unknown router kind {kind!r}; choose softmax_topk or topk_softmax")
-    if _fused(logits, kind):
+    if _fused(logits):
         weights, ids = _route_fused(logits, top_k, kind == "softmax_topk", normalize)
         return weights, checked_ids(logits, ids, where)
     if kind == "softmax_topk":

@@ -116,21 +116,18 @@ def _wait(issued: tuple[list, list[torch.Tensor]]) -> list[torch.Tensor]:
 
 class _Exchange(torch.autograd.Function):
     """Synchronous ``all_to_all_single`` of row tensors sharing the same splits; backward is
-    the reverse exchange (of every input that needs a gradient, zeros for an unused output, so
-    that all ranks exchange the same tensors)."""
+    the reverse exchange of every input that needs a gradient (autograd hands zeros for an
+    unused output, so all ranks exchange the same tensors)."""
 
     @staticmethod
     def forward(ctx, group, out_splits, in_splits, *tensors):
         ctx.group, ctx.out_splits, ctx.in_splits = group, out_splits, in_splits
-        outs = tuple(_wait(_issue(tensors, out_splits, in_splits, group)))
-        ctx.like = [(o.shape, o.dtype, o.device) for o in outs]
-        return outs
+        return tuple(_wait(_issue(tensors, out_splits, in_splits, group)))
 
     @staticmethod
     def backward(ctx, *grads):
         need = ctx.needs_input_grad[3:]
-        rows = [torch.zeros(shape, dtype=dtype, device=device) if g is None else g
-                for g, (shape, dtype, device), n in zip(grads, ctx.like, need) if n]
+        rows = [g for g, n in zip(grads, need) if n]
         back = iter(_wait(_issue(rows, ctx.in_splits, ctx.out_splits, ctx.group)))
         return (None, None, None, *(next(back) if n else None for n in need))
 
@@ -195,10 +192,9 @@ class _Pipeline(torch.autograd.Function):
         # does this pass accumulate the expert weights' gradients?
         weights = all(torch._C._will_engine_execute_node(node) for node in ctx.weight_nodes)
 
-        def to_experts(c):  # the reverse of chunk c's return exchange
-            in_splits, out_splits, _ = plans[c]
-            dy = dys[c] if dys[c] is not None else torch.zeros_like(ctx.inner[c][2])
-            return _issue([dy], out_splits, in_splits, group)
+        def to_experts(c):  # the reverse of chunk c's return exchange (autograd hands zeros
+            in_splits, out_splits, _ = plans[c]  # for an unused chunk)
+            return _issue([dys[c]], out_splits, in_splits, group)
 
         returns = []
         issued = to_experts(0)
